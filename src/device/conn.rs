@@ -1,0 +1,520 @@
+//! One device connection after the upgrade: one task, one small state, one
+//! `select!` over the next device frame, the outbound queue, the shared
+//! heartbeat tick and (only near the token's end) an expiry timer.
+//! Generic over the stream so the same code runs over TCP, TLS, and the
+//! in-memory pipes of the scale bench.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio::time::Sleep;
+use tokio_tungstenite::tungstenite::error::CapacityError;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::dispatch::now_ms;
+use crate::hub::{ConnHandle, Out};
+use crate::metrics::DropReason;
+use crate::protocol::{self, CloseReason, DeviceFrame, FrameError};
+
+use super::handshake::Admitted;
+use super::ticker::unix_secs;
+use super::DeviceCtx;
+
+/// Refused frames (`bad_frame`, `unknown_type`) tolerated on one connection;
+/// the next closes it with 1008.
+const MAX_FRAME_ERRORS: u8 = 10;
+/// Pending messages read from the store per page when catching up.
+const CATCH_UP_PAGE: usize = 128;
+/// How long the closing handshake may take before the socket is dropped.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// The per-connection state that lives as long as the connection (besides
+/// the socket and tungstenite's own): its size is asserted in a test.
+pub(crate) struct Session {
+    pub(crate) conn: ConnHandle,
+    ctx: Arc<DeviceCtx>,
+    /// The token's `topics` claim.
+    allowed: Box<[String]>,
+    /// The token's `exp` (unix seconds).
+    exp: u64,
+    /// Coarse unix seconds of the last frame or pong from the device.
+    last_rx: u64,
+    /// Highest device-directed seq written to this socket.
+    last_sent: u64,
+    /// Refused frames so far.
+    errors: u8,
+}
+
+enum Flow {
+    Continue,
+    Close(CloseReason, u64),
+    /// The socket is gone (closed by the device or failed).
+    Gone,
+}
+
+/// Why a write failed: the device is too slow or the socket is gone.
+enum WriteFail {
+    Timeout,
+    Socket,
+}
+
+/// Run a device connection to its end: hello, the backlog, then frames both
+/// ways until it closes. Unregisters it from the hub on the way out.
+pub async fn run<S>(ctx: Arc<DeviceCtx>, stream: S, admitted: Admitted)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let ws = WebSocketStream::from_partially_read(
+        stream,
+        admitted.leftover,
+        Role::Server,
+        Some(ctx.ws_config),
+    )
+    .await;
+    let app_label = ctx.hub.app_id(admitted.conn.app).clone();
+    ctx.metrics
+        .connections
+        .with_label_values(&[&*app_label])
+        .inc();
+    ctx.metrics
+        .connections_opened
+        .with_label_values(&[&*app_label])
+        .inc();
+    record_session(&ctx, &admitted.conn);
+
+    let tick = ctx.ticker.subscribe(admitted.conn.id);
+    let mut session = Session {
+        conn: admitted.conn,
+        ctx: ctx.clone(),
+        allowed: admitted.allowed,
+        exp: admitted.exp,
+        last_rx: ctx.ticker.now_secs(),
+        last_sent: 0,
+        errors: 0,
+    };
+    let reason = session.serve(ws, tick).await;
+    ctx.hub.unregister(&session.conn);
+    ctx.metrics
+        .connections
+        .with_label_values(&[&*app_label])
+        .dec();
+    ctx.metrics
+        .connections_closed
+        .with_label_values(&[reason.as_str()])
+        .inc();
+    tracing::debug!(app = %app_label, device = %session.conn.device, reason = reason.as_str(), "connection closed");
+}
+
+/// Count the session in the registry without holding up the hello: a
+/// durable store may batch it with the next commit.
+fn record_session(ctx: &Arc<DeviceCtx>, conn: &ConnHandle) {
+    let store = ctx.store.clone();
+    let app = ctx.hub.app_id(conn.app).clone();
+    let device = conn.device.clone();
+    tokio::spawn(async move {
+        if let Err(e) = store.record_session(&app, &device, now_ms()).await {
+            tracing::warn!(%app, %device, error = %e, "could not record the session");
+        }
+    });
+}
+
+/// Wait on an optional timer; never resolves when there is none.
+async fn maybe_sleep(timer: &mut Option<Pin<Box<Sleep>>>) {
+    match timer {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Session {
+    async fn serve<S>(&mut self, mut ws: WebSocketStream<S>, mut tick: watch::Receiver<()>) -> CloseReason
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let hb = self.ctx.cfg.heartbeat_secs;
+        let hello = protocol::hello_frame(&self.conn.device, hb);
+        let start = async {
+            self.feed(&mut ws, Utf8Bytes::from(hello)).await?;
+            self.catch_up(&mut ws, true).await?;
+            self.flush(&mut ws).await
+        };
+        if let Err(fail) = start.await {
+            return self.failed(fail);
+        }
+        let mut expiry: Option<Pin<Box<Sleep>>> = None;
+        self.arm_expiry(&mut expiry, unix_secs());
+
+        loop {
+            let flow = tokio::select! {
+                biased;
+                _ = self.conn.wait() => self.on_queue(&mut ws).await,
+                msg = ws.next() => self.on_device(&mut ws, msg).await,
+                _ = tick.changed() => self.on_tick(&mut ws, &mut expiry).await,
+                _ = maybe_sleep(&mut expiry) => Flow::Close(CloseReason::TokenExpired, 0),
+            };
+            match flow {
+                Flow::Continue => {}
+                Flow::Close(reason, retry_ms) => {
+                    self.close(&mut ws, reason, retry_ms).await;
+                    return reason;
+                }
+                Flow::Gone => return CloseReason::Remote,
+            }
+        }
+    }
+
+    fn failed(&self, fail: WriteFail) -> CloseReason {
+        match fail {
+            WriteFail::Timeout => CloseReason::SlowConsumer,
+            WriteFail::Socket => CloseReason::Remote,
+        }
+    }
+
+    /// Arm the precise expiry timer once the token's end is within the next
+    /// heartbeat (so an idle connection holds no timer until then).
+    fn arm_expiry(&self, expiry: &mut Option<Pin<Box<Sleep>>>, now: u64) {
+        if expiry.is_none() && self.exp <= now + self.ctx.cfg.heartbeat_secs + 1 {
+            let left = Duration::from_secs(self.exp.saturating_sub(now));
+            *expiry = Some(Box::pin(tokio::time::sleep(left)));
+        }
+    }
+
+    fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.ctx.cfg.heartbeat_secs.max(5))
+    }
+
+    async fn feed<S>(&self, ws: &mut WebSocketStream<S>, text: Utf8Bytes) -> Result<(), WriteFail>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        match tokio::time::timeout(self.write_timeout(), ws.feed(Message::Text(text))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(WriteFail::Socket),
+            Err(_) => Err(WriteFail::Timeout),
+        }
+    }
+
+    async fn flush<S>(&self, ws: &mut WebSocketStream<S>) -> Result<(), WriteFail>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        match tokio::time::timeout(self.write_timeout(), ws.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(WriteFail::Socket),
+            Err(_) => Err(WriteFail::Timeout),
+        }
+    }
+
+    /// Send the `dropped` notice if the store has one for this device.
+    async fn tell_dropped<S>(&self, ws: &mut WebSocketStream<S>) -> Result<(), WriteFail>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let app = self.ctx.hub.app_id(self.conn.app);
+        match self.ctx.store.take_dropped(app, &self.conn.device).await {
+            Ok(0) => Ok(()),
+            Ok(n) => {
+                self.feed(ws, Utf8Bytes::from(protocol::dropped_frame(n)))
+                    .await
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the dropped count");
+                Ok(())
+            }
+        }
+    }
+
+    /// Send every pending message after `last_sent`, in seq order, reading
+    /// the store. Used on connect and whenever the queue shows a gap.
+    async fn catch_up<S>(&mut self, ws: &mut WebSocketStream<S>, dropped: bool) -> Result<(), WriteFail>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        if dropped {
+            self.tell_dropped(ws).await?;
+        }
+        let app = self.ctx.hub.app_id(self.conn.app).clone();
+        loop {
+            let page = match self
+                .ctx
+                .store
+                .pending(&app, &self.conn.device, self.last_sent, now_ms(), CATCH_UP_PAGE)
+                .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    // The messages stay pending: the next reconnect retries.
+                    tracing::warn!(error = %e, "could not read pending messages");
+                    return Ok(());
+                }
+            };
+            let full = page.len() == CATCH_UP_PAGE;
+            let now = now_ms();
+            for m in page {
+                let data = std::str::from_utf8(&m.data).unwrap_or("null");
+                let text = protocol::msg_frame(&m.id, protocol::MsgTarget::Device { seq: m.seq }, data);
+                self.feed(ws, Utf8Bytes::from(text)).await?;
+                self.last_sent = m.seq;
+                self.ctx.metrics.sent(crate::hub::MsgKind::Device).inc();
+                self.ctx
+                    .metrics
+                    .delivery_seconds
+                    .observe(now.saturating_sub(m.created_ms) as f64 / 1000.0);
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn on_queue<S>(&mut self, ws: &mut WebSocketStream<S>) -> Flow
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (queue, close) = self.conn.take();
+        if let Some((reason, retry_ms)) = close {
+            if reason == CloseReason::SlowConsumer {
+                self.ctx
+                    .metrics
+                    .dropped(DropReason::SlowConsumer)
+                    .inc_by(queue.iter().filter(|o| o.seq == 0).count() as u64);
+            }
+            return Flow::Close(reason, retry_ms);
+        }
+        for out in queue {
+            if let Err(fail) = self.send_out(ws, out).await {
+                return self.fail_flow(fail);
+            }
+        }
+        match self.flush(ws).await {
+            Ok(()) => Flow::Continue,
+            Err(fail) => self.fail_flow(fail),
+        }
+    }
+
+    fn fail_flow(&self, fail: WriteFail) -> Flow {
+        match fail {
+            // Still connected but not reading: close as a slow consumer
+            // (best effort: the bye may not get through).
+            WriteFail::Timeout => Flow::Close(CloseReason::SlowConsumer, retry_jitter()),
+            WriteFail::Socket => Flow::Gone,
+        }
+    }
+
+    async fn send_out<S>(&mut self, ws: &mut WebSocketStream<S>, out: Out) -> Result<(), WriteFail>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        if out.seq > 0 {
+            if out.seq <= self.last_sent {
+                return Ok(()); // already sent by a catch-up
+            }
+            if out.seq != self.last_sent + 1 || out.frame.check_dropped {
+                // A gap (a concurrent push got ahead, or this is the first
+                // since connect) or drops to report: read the store, which
+                // has this message too unless it was collapsed or dropped.
+                return self.catch_up(ws, out.frame.check_dropped).await;
+            }
+            self.last_sent = out.seq;
+        }
+        self.feed(ws, out.frame.text.clone()).await?;
+        let m = &self.ctx.metrics;
+        m.sent(out.frame.kind).inc();
+        m.delivery_seconds
+            .observe(out.frame.accepted.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    async fn on_device<S>(
+        &mut self,
+        ws: &mut WebSocketStream<S>,
+        msg: Option<Result<Message, WsError>>,
+    ) -> Flow
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let msg = match msg {
+            None => return Flow::Gone,
+            Some(Ok(m)) => m,
+            Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+                return Flow::Close(CloseReason::FrameTooLarge, 0)
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "device socket error");
+                return Flow::Gone;
+            }
+        };
+        self.last_rx = self.ctx.ticker.now_secs();
+        let answer = match msg {
+            Message::Text(text) => match protocol::parse_device_frame(&text) {
+                Ok(frame) => self.on_frame(frame).await,
+                Err(refusal) => self.refuse(refusal.code, &refusal.message),
+            },
+            Message::Binary(_) => self.refuse(FrameError::BadFrame, "binary frames are not accepted; send JSON text frames"),
+            // tungstenite queued the pong; it goes out with the flush below.
+            Message::Ping(_) => Answer::None,
+            Message::Pong(_) | Message::Frame(_) => return Flow::Continue,
+            Message::Close(_) => {
+                // tungstenite answered the close; let it reach the device.
+                let _ = tokio::time::timeout(CLOSE_WAIT, ws.flush()).await;
+                return Flow::Gone;
+            }
+        };
+        let close_after = match answer {
+            Answer::None => None,
+            Answer::Frame(text) => {
+                if let Err(fail) = self.feed(ws, Utf8Bytes::from(text)).await {
+                    return self.fail_flow(fail);
+                }
+                None
+            }
+            Answer::FrameThenClose(text) => {
+                if let Err(fail) = self.feed(ws, Utf8Bytes::from(text)).await {
+                    return self.fail_flow(fail);
+                }
+                Some(CloseReason::PolicyViolation)
+            }
+        };
+        if let Err(fail) = self.flush(ws).await {
+            return self.fail_flow(fail);
+        }
+        match close_after {
+            Some(reason) => Flow::Close(reason, 0),
+            None => Flow::Continue,
+        }
+    }
+
+    /// Answer a refused frame; the tenth closes the connection.
+    fn refuse(&mut self, code: FrameError, message: &str) -> Answer {
+        let text = protocol::error_frame(code, message);
+        if matches!(code, FrameError::BadFrame | FrameError::UnknownType) {
+            self.errors = self.errors.saturating_add(1);
+            if self.errors >= MAX_FRAME_ERRORS {
+                return Answer::FrameThenClose(text);
+            }
+        }
+        Answer::Frame(text)
+    }
+
+    async fn on_frame(&mut self, frame: DeviceFrame) -> Answer {
+        match frame {
+            DeviceFrame::Ack { seq } => {
+                // Only what this connection has sent can be acked: a device
+                // acking ahead must not delete messages it never saw.
+                let upto = seq.min(self.last_sent);
+                if upto > 0 {
+                    let app = self.ctx.hub.app_id(self.conn.app);
+                    match self.ctx.store.ack(app, &self.conn.device, upto).await {
+                        Ok(n) => self.ctx.metrics.acked.inc_by(n),
+                        Err(e) => tracing::warn!(error = %e, "ack not stored"),
+                    }
+                }
+                Answer::None
+            }
+            DeviceFrame::Sub { topic } => {
+                if !protocol::topic_allowed(&self.allowed, &topic) {
+                    return Answer::Frame(protocol::error_frame(
+                        FrameError::Forbidden,
+                        &format!("the token does not allow topic `{topic}`"),
+                    ));
+                }
+                let max = self.ctx.cfg.max_topics_per_device;
+                if !self.ctx.hub.subscribe(&self.conn, &topic, max) {
+                    return Answer::Frame(protocol::error_frame(
+                        FrameError::TooManyTopics,
+                        &format!("at most {max} subscriptions per connection"),
+                    ));
+                }
+                Answer::Frame(protocol::sub_frame(true, &topic))
+            }
+            DeviceFrame::Unsub { topic } => {
+                self.ctx.hub.unsubscribe(&self.conn, &topic);
+                Answer::Frame(protocol::sub_frame(false, &topic))
+            }
+        }
+    }
+
+    async fn on_tick<S>(
+        &mut self,
+        ws: &mut WebSocketStream<S>,
+        expiry: &mut Option<Pin<Box<Sleep>>>,
+    ) -> Flow
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let now = self.ctx.ticker.now_secs();
+        let hb = self.ctx.cfg.heartbeat_secs;
+        if now >= self.last_rx + 2 * hb + 5 {
+            return Flow::Close(CloseReason::Idle, 0);
+        }
+        if self.exp <= now {
+            return Flow::Close(CloseReason::TokenExpired, 0);
+        }
+        self.arm_expiry(expiry, now);
+        let ping = tokio::time::timeout(self.write_timeout(), ws.send(Message::Ping(Default::default())));
+        match ping.await {
+            Ok(Ok(())) => Flow::Continue,
+            Ok(Err(_)) => Flow::Gone,
+            Err(_) => Flow::Close(CloseReason::SlowConsumer, retry_jitter()),
+        }
+    }
+
+    /// `bye` where the reason has one, then the close frame, then a short
+    /// wait for the device's close; everything bounded by `CLOSE_WAIT`.
+    async fn close<S>(&mut self, ws: &mut WebSocketStream<S>, reason: CloseReason, retry_ms: u64)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let retry_ms = if reason == CloseReason::SlowConsumer && retry_ms == 0 {
+            retry_jitter()
+        } else {
+            retry_ms
+        };
+        let closing = async {
+            if reason.sends_bye() {
+                ws.feed(Message::Text(Utf8Bytes::from(protocol::bye_frame(reason, retry_ms))))
+                    .await?;
+            }
+            ws.send(Message::Close(Some(CloseFrame {
+                code: CloseCode::from(reason.code()),
+                reason: Utf8Bytes::from_static(""),
+            })))
+            .await?;
+            while let Some(Ok(_)) = ws.next().await {}
+            Ok::<(), WsError>(())
+        };
+        let _ = tokio::time::timeout(CLOSE_WAIT, closing).await;
+    }
+}
+
+enum Answer {
+    None,
+    Frame(String),
+    FrameThenClose(String),
+}
+
+/// `retry_ms` for a slow consumer: 0–5 s, like draining's.
+fn retry_jitter() -> u64 {
+    rand::random_range(0..=5000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The state kept per connection besides the socket and tungstenite's
+    /// buffers. A bound, not a figure: it fails if someone adds a field that
+    /// doubles it.
+    #[test]
+    fn session_state_is_small() {
+        let size = std::mem::size_of::<Session>();
+        assert!(size <= 64, "Session is {size} bytes");
+    }
+}

@@ -1,0 +1,329 @@
+//! What happens to a message the API accepted: device-directed ones are
+//! stored (durably, before the answer) and handed to the device if it is
+//! connected; topic and broadcast ones go through the bounded fan-out queue.
+//! Also the device operations of the API (info, kick, purge). The API layer
+//! only parses, authenticates and maps errors; everything it promises is
+//! kept here.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use crate::fanout::{self, Fanout, FanoutJob, FanoutTarget};
+use crate::hub::{Hub, MsgKind, Out, Pushed};
+use crate::limit::{retry_after_secs, RateLimiter};
+use crate::metrics::{DropReason, Metrics};
+use crate::protocol::{new_message_id, CloseReason, MsgTarget};
+use crate::store::{DeviceRecord, NewMessage, Store, StoreError};
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whom a message goes to (validated by the API: ids valid, 1–1000 distinct).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Device(String),
+    Devices(Vec<String>),
+    Topic(String),
+    Broadcast,
+}
+
+/// A validated message from the API.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub target: Target,
+    /// The message's `data` as compact JSON.
+    pub data: String,
+    /// Seconds; 0 = now or never. Device targets only (0 for others).
+    pub ttl_secs: u64,
+    pub collapse_key: Option<String>,
+}
+
+/// The answer to an accepted (or dry-run) message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub id: String,
+    pub online: u64,
+    pub stored: u64,
+}
+
+/// Why a message was not accepted. Nothing of it was stored or sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DispatchError {
+    #[error("the app's max_messages_per_sec is reached; retry in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("the fan-out queue is full; retry shortly")]
+    QueueFull,
+    #[error("the durable store cannot write: {0}")]
+    StoreUnavailable(String),
+}
+
+impl From<StoreError> for DispatchError {
+    fn from(e: StoreError) -> Self {
+        DispatchError::StoreUnavailable(e.to_string())
+    }
+}
+
+/// Accepts messages and runs the device operations of the API.
+pub struct Dispatcher {
+    pub hub: Arc<Hub>,
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+    fanout: Fanout,
+    /// Per app, in config order.
+    limits: Box<[RateLimiter]>,
+    queue_cap: usize,
+    max_pending: u64,
+}
+
+impl Dispatcher {
+    pub fn new(
+        hub: Arc<Hub>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        fanout: Fanout,
+        max_messages_per_sec: impl IntoIterator<Item = u64>,
+        queue_cap: usize,
+        max_pending: u64,
+    ) -> Dispatcher {
+        Dispatcher {
+            hub,
+            store,
+            metrics,
+            fanout,
+            limits: max_messages_per_sec
+                .into_iter()
+                .map(RateLimiter::new)
+                .collect(),
+            queue_cap,
+            max_pending,
+        }
+    }
+
+    /// Take one message's worth of the app's rate limit (dry runs do not).
+    pub fn take_rate(&self, app: usize) -> Result<(), DispatchError> {
+        self.limits[app]
+            .try_take()
+            .map_err(|wait| DispatchError::RateLimited {
+                retry_after_secs: retry_after_secs(wait),
+            })
+    }
+
+    /// Count what `accept` would do, without storing or sending anything.
+    pub fn dry_run(&self, app: usize, msg: &Outgoing) -> Accepted {
+        let id = new_message_id();
+        let (online, stored) = match &msg.target {
+            Target::Device(d) => self.count_devices(app, std::slice::from_ref(d), msg.ttl_secs),
+            Target::Devices(ds) => self.count_devices(app, ds, msg.ttl_secs),
+            Target::Topic(t) => (self.hub.topic_count(app, t), 0),
+            Target::Broadcast => (self.hub.connected(app), 0),
+        };
+        Accepted { id, online, stored }
+    }
+
+    fn count_devices(&self, app: usize, devices: &[String], ttl: u64) -> (u64, u64) {
+        let online = devices
+            .iter()
+            .filter(|d| self.hub.get(app, d).is_some())
+            .count() as u64;
+        let stored = if ttl > 0 { devices.len() as u64 } else { 0 };
+        (online, stored)
+    }
+
+    /// Accept a message (the rate limit is the caller's: see `take_rate`).
+    pub async fn accept(&self, app: usize, msg: Outgoing) -> Result<Accepted, DispatchError> {
+        let accepted = Instant::now();
+        let id = new_message_id();
+        let result = match &msg.target {
+            Target::Device(d) => {
+                self.accept_devices(app, &id, std::slice::from_ref(d), &msg, accepted)
+                    .await?
+            }
+            Target::Devices(ds) => self.accept_devices(app, &id, ds, &msg, accepted).await?,
+            Target::Topic(topic) => {
+                let frame = fanout::encode(
+                    &id,
+                    MsgTarget::Topic(topic),
+                    &msg.data,
+                    MsgKind::Topic,
+                    accepted,
+                    false,
+                );
+                let online = self.hub.topic_count(app, topic);
+                self.fanout
+                    .try_send(FanoutJob {
+                        app,
+                        target: FanoutTarget::Topic(Arc::from(topic.as_str())),
+                        frame,
+                    })
+                    .map_err(|_| DispatchError::QueueFull)?;
+                self.metrics.accepted(MsgKind::Topic).inc();
+                (online, 0)
+            }
+            Target::Broadcast => {
+                let frame = fanout::encode(
+                    &id,
+                    MsgTarget::Broadcast,
+                    &msg.data,
+                    MsgKind::Broadcast,
+                    accepted,
+                    false,
+                );
+                let online = self.hub.connected(app);
+                self.fanout
+                    .try_send(FanoutJob {
+                        app,
+                        target: FanoutTarget::Broadcast,
+                        frame,
+                    })
+                    .map_err(|_| DispatchError::QueueFull)?;
+                self.metrics.accepted(MsgKind::Broadcast).inc();
+                (online, 0)
+            }
+        };
+        Ok(Accepted {
+            id,
+            online: result.0,
+            stored: result.1,
+        })
+    }
+
+    async fn accept_devices(
+        &self,
+        app: usize,
+        id: &str,
+        devices: &[String],
+        msg: &Outgoing,
+        accepted: Instant,
+    ) -> Result<(u64, u64), DispatchError> {
+        let mut online = 0;
+        if msg.ttl_secs == 0 {
+            // Now or never: no seq, never stored.
+            let frame = fanout::encode(
+                id,
+                MsgTarget::DeviceNow,
+                &msg.data,
+                MsgKind::Device,
+                accepted,
+                false,
+            );
+            let out = Out { frame, seq: 0 };
+            for d in devices {
+                if let Some(conn) = self.hub.get(app, d) {
+                    online += fanout::hand_out(&[conn], &out, self.queue_cap, &self.metrics);
+                }
+            }
+            self.metrics.accepted(MsgKind::Device).inc();
+            return Ok((online, 0));
+        }
+
+        let now = now_ms();
+        let new = NewMessage {
+            id: Arc::from(id),
+            data: Bytes::from(msg.data.clone()),
+            created_ms: now,
+            expires_ms: now.saturating_add(msg.ttl_secs.saturating_mul(1000)),
+            collapse_key: msg.collapse_key.as_deref().map(Arc::from),
+        };
+        let app_id = self.hub.app_id(app).clone();
+        let refs: Vec<&str> = devices.iter().map(String::as_str).collect();
+        let outcomes = self
+            .store
+            .append(&app_id, &refs, &new, self.max_pending)
+            .await?;
+        self.metrics.accepted(MsgKind::Device).inc();
+        for (d, outcome) in devices.iter().zip(&outcomes) {
+            if outcome.dropped > 0 {
+                self.metrics
+                    .dropped(DropReason::PendingLimit)
+                    .inc_by(outcome.dropped);
+            }
+            if outcome.collapsed > 0 {
+                self.metrics
+                    .dropped(DropReason::Collapsed)
+                    .inc_by(outcome.collapsed);
+            }
+            let Some(conn) = self.hub.get(app, d) else {
+                continue;
+            };
+            let frame = fanout::encode(
+                id,
+                MsgTarget::Device { seq: outcome.seq },
+                &msg.data,
+                MsgKind::Device,
+                accepted,
+                outcome.dropped > 0,
+            );
+            // A full queue closes the connection as a slow consumer; the
+            // message stays pending and is redelivered on reconnect.
+            match conn.push(
+                Out {
+                    frame,
+                    seq: outcome.seq,
+                },
+                self.queue_cap,
+            ) {
+                Pushed::Queued => online += 1,
+                Pushed::Full | Pushed::Closed => {}
+            }
+        }
+        Ok((online, outcomes.len() as u64))
+    }
+
+    /// `GET /devices/{device}`: the registry entry, whether it is connected
+    /// here, and its topics. `None`: never seen and nothing pending.
+    pub async fn device_info(
+        &self,
+        app: usize,
+        device: &str,
+    ) -> Result<Option<DeviceInfo>, DispatchError> {
+        let app_id = self.hub.app_id(app).clone();
+        let record = self.store.device(&app_id, device, now_ms()).await?;
+        let conn = self.hub.get(app, device);
+        let Some(record) = record else {
+            return Ok(None);
+        };
+        let topics = conn.as_ref().map(|c| c.topics()).unwrap_or_default();
+        Ok(Some(DeviceInfo {
+            online: conn.is_some(),
+            record,
+            topics,
+        }))
+    }
+
+    /// `DELETE …/connection`: `bye kicked`. False when not connected.
+    pub fn kick(&self, app: usize, device: &str) -> bool {
+        match self.hub.get(app, device) {
+            Some(conn) => {
+                conn.close(CloseReason::Kicked, 0);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// `DELETE …/messages`: drop every pending message of the device.
+    pub async fn purge(&self, app: usize, device: &str) -> Result<u64, DispatchError> {
+        let app_id = self.hub.app_id(app).clone();
+        Ok(self.store.purge(&app_id, device).await?)
+    }
+
+    /// Refresh gauges that are read from elsewhere, then render metrics.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.pending.set(self.store.pending_total() as i64);
+        self.metrics.render()
+    }
+}
+
+/// A device as `GET /devices/{device}` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub online: bool,
+    pub record: DeviceRecord,
+    pub topics: Vec<String>,
+}

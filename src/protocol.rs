@@ -1,0 +1,477 @@
+//! Wire types of PROTOCOL.md: names, frames both ways, close codes and error
+//! codes. Knows no sockets and no HTTP, so both the device side and the API
+//! side (and the loadtest) speak exactly the same words.
+
+use std::fmt::Write as _;
+
+use serde::Deserialize;
+
+/// Is `s` a valid app id: `[a-z0-9][a-z0-9_-]{0,63}`.
+pub fn valid_app_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b[1..]
+            .iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
+}
+
+/// Is `s` a valid device id: 1–128 bytes of `[A-Za-z0-9._:@-]`.
+pub fn valid_device_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    (1..=128).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'@' | b'-'))
+}
+
+/// Is `s` a valid topic: 1–128 bytes of `[A-Za-z0-9._:-]`.
+pub fn valid_topic(s: &str) -> bool {
+    let b = s.as_bytes();
+    (1..=128).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Does a token's `topics` claim allow `topic`? An entry ending in `*` is a
+/// prefix; an absent or empty list allows nothing.
+pub fn topic_allowed(patterns: &[String], topic: &str) -> bool {
+    patterns.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => topic.starts_with(prefix),
+        None => p == topic,
+    })
+}
+
+/// A new message id: UUIDv7, so ids are unique and time-ordered.
+pub fn new_message_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Why the gateway closes a device connection. Each has its WebSocket close
+/// code and, where PROTOCOL.md says so, a `bye` frame first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum CloseReason {
+    /// Shutdown drain: `bye` with `retry_ms`, close 1001.
+    Draining = 1,
+    /// Another connection of the same device won: `bye`, close 4001.
+    Replaced = 2,
+    /// The API kicked the device: `bye`, close 4002.
+    Kicked = 3,
+    /// The token's `exp` passed: `bye`, close 4003.
+    TokenExpired = 4,
+    /// The outbound queue overflowed: `bye` with `retry_ms`, close 4008.
+    SlowConsumer = 5,
+    /// Nothing received for `2 × heartbeat + 5 s`: close 4009, no `bye`.
+    Idle = 6,
+    /// Ten refused frames: close 1008, no `bye`.
+    PolicyViolation = 7,
+    /// A frame over `max_frame_bytes`: close 1009, no `bye`.
+    FrameTooLarge = 8,
+    /// The device closed, or the socket failed (a metric label only).
+    Remote = 9,
+}
+
+impl CloseReason {
+    /// All reasons, for pre-registering metric labels.
+    pub const ALL: [CloseReason; 9] = [
+        CloseReason::Draining,
+        CloseReason::Replaced,
+        CloseReason::Kicked,
+        CloseReason::TokenExpired,
+        CloseReason::SlowConsumer,
+        CloseReason::Idle,
+        CloseReason::PolicyViolation,
+        CloseReason::FrameTooLarge,
+        CloseReason::Remote,
+    ];
+
+    /// The reason string used in `bye` frames and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Draining => "draining",
+            CloseReason::Replaced => "replaced",
+            CloseReason::Kicked => "kicked",
+            CloseReason::TokenExpired => "token_expired",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::Idle => "idle",
+            CloseReason::PolicyViolation => "policy_violation",
+            CloseReason::FrameTooLarge => "frame_too_large",
+            CloseReason::Remote => "remote",
+        }
+    }
+
+    /// The WebSocket close code.
+    pub fn code(self) -> u16 {
+        match self {
+            CloseReason::Draining => 1001,
+            CloseReason::Replaced => 4001,
+            CloseReason::Kicked => 4002,
+            CloseReason::TokenExpired => 4003,
+            CloseReason::SlowConsumer => 4008,
+            CloseReason::Idle => 4009,
+            CloseReason::PolicyViolation => 1008,
+            CloseReason::FrameTooLarge => 1009,
+            CloseReason::Remote => 1000,
+        }
+    }
+
+    /// Whether a `bye` frame precedes the close.
+    pub fn sends_bye(self) -> bool {
+        matches!(
+            self,
+            CloseReason::Draining
+                | CloseReason::Replaced
+                | CloseReason::Kicked
+                | CloseReason::TokenExpired
+                | CloseReason::SlowConsumer
+        )
+    }
+
+    /// Whether the `bye` carries `retry_ms` (PROTOCOL.md: draining and
+    /// slow_consumer only).
+    pub fn has_retry(self) -> bool {
+        matches!(self, CloseReason::Draining | CloseReason::SlowConsumer)
+    }
+
+    /// Decode from the `repr(u8)` value; unknown values give `None`.
+    pub fn from_u8(v: u8) -> Option<CloseReason> {
+        CloseReason::ALL.iter().copied().find(|r| *r as u8 == v)
+    }
+}
+
+/// Codes of `error` frames sent to a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameError {
+    BadFrame,
+    UnknownType,
+    Forbidden,
+    TooManyTopics,
+}
+
+impl FrameError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FrameError::BadFrame => "bad_frame",
+            FrameError::UnknownType => "unknown_type",
+            FrameError::Forbidden => "forbidden",
+            FrameError::TooManyTopics => "too_many_topics",
+        }
+    }
+}
+
+/// A frame from a device, parsed. Unknown fields besides `t` and the frame's
+/// own field are ignored, so devices can add fields without breaking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceFrame {
+    Ack { seq: u64 },
+    Sub { topic: String },
+    Unsub { topic: String },
+}
+
+/// Why a device frame was refused: the code for the `error` frame and a
+/// human message naming what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameRefusal {
+    pub code: FrameError,
+    pub message: String,
+}
+
+impl FrameRefusal {
+    fn bad(message: impl Into<String>) -> FrameRefusal {
+        FrameRefusal {
+            code: FrameError::BadFrame,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawFrame<'a> {
+    #[serde(default)]
+    t: Option<serde_json::Value>,
+    #[serde(default)]
+    seq: Option<serde_json::Value>,
+    #[serde(default, borrow)]
+    topic: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// Parse a device text frame. Topic names are checked for validity here
+/// (`bad_frame`); permissions are the caller's business.
+pub fn parse_device_frame(text: &str) -> Result<DeviceFrame, FrameRefusal> {
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| FrameRefusal::bad(format!("invalid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(FrameRefusal::bad("a frame must be a JSON object"));
+    }
+    let raw: RawFrame<'_> = match serde_json::from_str(text) {
+        Ok(r) => r,
+        Err(e) => return Err(FrameRefusal::bad(format!("invalid frame: {e}"))),
+    };
+    let t = match raw.t {
+        Some(serde_json::Value::String(t)) => t,
+        Some(_) => return Err(FrameRefusal::bad("field `t` must be a string")),
+        None => return Err(FrameRefusal::bad("field `t` is missing")),
+    };
+    match t.as_str() {
+        "ack" => {
+            let seq = raw
+                .seq
+                .as_ref()
+                .and_then(|v| v.as_u64())
+                .ok_or_else(|| FrameRefusal::bad("ack needs `seq`, an unsigned integer"))?;
+            Ok(DeviceFrame::Ack { seq })
+        }
+        "sub" | "unsub" => {
+            let topic = raw
+                .topic
+                .ok_or_else(|| FrameRefusal::bad(format!("{t} needs `topic`, a string")))?;
+            if !valid_topic(&topic) {
+                return Err(FrameRefusal::bad(
+                    "`topic` must be 1-128 bytes of [A-Za-z0-9._:-]",
+                ));
+            }
+            let topic = topic.into_owned();
+            Ok(if t == "sub" {
+                DeviceFrame::Sub { topic }
+            } else {
+                DeviceFrame::Unsub { topic }
+            })
+        }
+        other => Err(FrameRefusal {
+            code: FrameError::UnknownType,
+            message: format!("unknown frame type `{}`", truncate(other, 64)),
+        }),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Append `s` as a JSON string literal (quotes included).
+fn push_json_str(out: &mut String, s: &str) {
+    // serde_json's escaping is the reference; a String never fails to encode.
+    out.push_str(&serde_json::Value::from(s).to_string());
+}
+
+/// The `hello` frame.
+pub fn hello_frame(device: &str, heartbeat_secs: u64) -> String {
+    let mut s = String::with_capacity(48 + device.len());
+    s.push_str(r#"{"t":"hello","device":"#);
+    push_json_str(&mut s, device);
+    let _ = write!(s, r#","heartbeat":{heartbeat_secs}}}"#);
+    s
+}
+
+/// Where a `msg` frame is going: picks which of `seq` / `topic` it carries.
+#[derive(Debug, Clone, Copy)]
+pub enum MsgTarget<'a> {
+    Device { seq: u64 },
+    /// A device-directed message with `ttl: 0`: neither `seq` nor `topic`.
+    DeviceNow,
+    Topic(&'a str),
+    Broadcast,
+}
+
+/// A `msg` frame. `data` must already be compact JSON.
+pub fn msg_frame(id: &str, target: MsgTarget<'_>, data: &str) -> String {
+    let mut s = String::with_capacity(40 + id.len() + data.len());
+    s.push_str(r#"{"t":"msg","id":"#);
+    push_json_str(&mut s, id);
+    match target {
+        MsgTarget::Device { seq } => {
+            let _ = write!(s, r#","seq":{seq}"#);
+        }
+        MsgTarget::Topic(topic) => {
+            s.push_str(r#","topic":"#);
+            push_json_str(&mut s, topic);
+        }
+        MsgTarget::DeviceNow | MsgTarget::Broadcast => {}
+    }
+    s.push_str(r#","data":"#);
+    s.push_str(data);
+    s.push('}');
+    s
+}
+
+/// The `dropped` frame.
+pub fn dropped_frame(count: u64) -> String {
+    format!(r#"{{"t":"dropped","count":{count}}}"#)
+}
+
+/// The `subscribed` / `unsubscribed` answer.
+pub fn sub_frame(subscribed: bool, topic: &str) -> String {
+    let mut s = String::with_capacity(32 + topic.len());
+    s.push_str(if subscribed {
+        r#"{"t":"subscribed","topic":"#
+    } else {
+        r#"{"t":"unsubscribed","topic":"#
+    });
+    push_json_str(&mut s, topic);
+    s.push('}');
+    s
+}
+
+/// An `error` frame.
+pub fn error_frame(code: FrameError, message: &str) -> String {
+    let mut s = String::with_capacity(40 + message.len());
+    s.push_str(r#"{"t":"error","code":""#);
+    s.push_str(code.as_str());
+    s.push_str(r#"","message":"#);
+    push_json_str(&mut s, message);
+    s.push('}');
+    s
+}
+
+/// A `bye` frame; `retry_ms` is written only for reasons that carry it.
+pub fn bye_frame(reason: CloseReason, retry_ms: u64) -> String {
+    if reason.has_retry() {
+        format!(
+            r#"{{"t":"bye","reason":"{}","retry_ms":{retry_ms}}}"#,
+            reason.as_str()
+        )
+    } else {
+        format!(r#"{{"t":"bye","reason":"{}"}}"#, reason.as_str())
+    }
+}
+
+/// Encode a JSON value compactly, the form whose size PROTOCOL.md limits
+/// (no insignificant whitespace, non-ASCII not escaped).
+pub fn compact_json(value: &serde_json::Value) -> String {
+    // serde_json's compact writer never escapes non-ASCII.
+    value.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_ids() {
+        assert!(valid_app_id("demo"));
+        assert!(valid_app_id("0a_b-c"));
+        assert!(valid_app_id(&"a".repeat(64)));
+        assert!(!valid_app_id(&"a".repeat(65)));
+        assert!(!valid_app_id(""));
+        assert!(!valid_app_id("_a"));
+        assert!(!valid_app_id("Demo"));
+        assert!(!valid_app_id("a.b"));
+    }
+
+    #[test]
+    fn device_ids_and_topics() {
+        assert!(valid_device_id("d1"));
+        assert!(valid_device_id("user@example.com:phone-1_a"));
+        assert!(!valid_device_id(""));
+        assert!(!valid_device_id(&"x".repeat(129)));
+        assert!(valid_device_id(&"x".repeat(128)));
+        assert!(!valid_device_id("a b"));
+        assert!(!valid_device_id("é"));
+        assert!(valid_topic("sport.football:live-1_x"));
+        assert!(!valid_topic("a@b"));
+        assert!(!valid_topic(""));
+        assert!(!valid_topic("a*"));
+    }
+
+    #[test]
+    fn topic_permissions() {
+        let p = vec!["news".to_string(), "sport.*".to_string()];
+        assert!(topic_allowed(&p, "news"));
+        assert!(!topic_allowed(&p, "newsx"));
+        assert!(topic_allowed(&p, "sport.football"));
+        assert!(topic_allowed(&p, "sport."));
+        assert!(!topic_allowed(&p, "sport"));
+        assert!(!topic_allowed(&[], "news"));
+        assert!(topic_allowed(&["*".to_string()], "anything"));
+    }
+
+    #[test]
+    fn parses_device_frames() {
+        assert_eq!(
+            parse_device_frame(r#"{"t":"ack","seq":7}"#),
+            Ok(DeviceFrame::Ack { seq: 7 })
+        );
+        assert_eq!(
+            parse_device_frame(r#"{"seq":7,"t":"sub","topic":"news","x":1}"#),
+            Ok(DeviceFrame::Sub {
+                topic: "news".into()
+            })
+        );
+        assert_eq!(
+            parse_device_frame(r#"{"t":"unsub","topic":"news"}"#),
+            Ok(DeviceFrame::Unsub {
+                topic: "news".into()
+            })
+        );
+        let code = |s: &str| parse_device_frame(s).unwrap_err().code;
+        assert_eq!(code("not json"), FrameError::BadFrame);
+        assert_eq!(code("[1,2]"), FrameError::BadFrame);
+        assert_eq!(code(r#"{"seq":1}"#), FrameError::BadFrame);
+        assert_eq!(code(r#"{"t":5}"#), FrameError::BadFrame);
+        assert_eq!(code(r#"{"t":"ack"}"#), FrameError::BadFrame);
+        assert_eq!(code(r#"{"t":"ack","seq":-1}"#), FrameError::BadFrame);
+        assert_eq!(code(r#"{"t":"ack","seq":"1"}"#), FrameError::BadFrame);
+        assert_eq!(code(r#"{"t":"sub"}"#), FrameError::BadFrame);
+        assert_eq!(code(r#"{"t":"sub","topic":"a b"}"#), FrameError::BadFrame);
+        assert_eq!(code(r#"{"t":"sub","topic":7}"#), FrameError::BadFrame);
+        assert_eq!(code(r#"{"t":"hello"}"#), FrameError::UnknownType);
+    }
+
+    #[test]
+    fn frames_put_t_first_and_are_valid_json() {
+        let frames = [
+            hello_frame("d1", 30),
+            msg_frame("id1", MsgTarget::Device { seq: 7 }, r#"{"a":1}"#),
+            msg_frame("id1", MsgTarget::Topic("news"), "[1]"),
+            msg_frame("id1", MsgTarget::Broadcast, "null"),
+            msg_frame("id1", MsgTarget::DeviceNow, "\"é\""),
+            dropped_frame(3),
+            sub_frame(true, "news"),
+            sub_frame(false, "news"),
+            error_frame(FrameError::BadFrame, "bad \"quote\""),
+            bye_frame(CloseReason::Draining, 1234),
+            bye_frame(CloseReason::Replaced, 1234),
+        ];
+        for f in &frames {
+            assert!(f.starts_with(r#"{"t":""#), "{f}");
+            let v: serde_json::Value = serde_json::from_str(f).expect(f);
+            assert!(v.is_object());
+        }
+        assert_eq!(
+            frames[1],
+            r#"{"t":"msg","id":"id1","seq":7,"data":{"a":1}}"#
+        );
+        assert_eq!(
+            frames[2],
+            r#"{"t":"msg","id":"id1","topic":"news","data":[1]}"#
+        );
+        assert_eq!(frames[3], r#"{"t":"msg","id":"id1","data":null}"#);
+        assert_eq!(
+            frames[9],
+            r#"{"t":"bye","reason":"draining","retry_ms":1234}"#
+        );
+        assert_eq!(frames[10], r#"{"t":"bye","reason":"replaced"}"#);
+    }
+
+    #[test]
+    fn compact_json_does_not_escape_non_ascii() {
+        let v: serde_json::Value = serde_json::from_str("{ \"a\" : \"é\" , \"b\": [1, 2] }").unwrap();
+        assert_eq!(compact_json(&v), "{\"a\":\"é\",\"b\":[1,2]}");
+    }
+
+    #[test]
+    fn close_reasons_round_trip() {
+        for r in CloseReason::ALL {
+            assert_eq!(CloseReason::from_u8(r as u8), Some(r));
+        }
+        assert_eq!(CloseReason::from_u8(0), None);
+    }
+}
