@@ -157,6 +157,23 @@ impl Conn {
         self.lock().topics.len()
     }
 
+    /// Resolves once a close is requested. It takes wake-ups meant for the
+    /// queue too: call [`Conn::rearm`] after racing it against a write.
+    pub async fn closed(&self) {
+        while self.closing().is_none() {
+            self.notify.notified().await;
+        }
+    }
+
+    /// Wake the connection task again if work is waiting for it.
+    pub fn rearm(&self) {
+        let st = self.lock();
+        if !st.queue.is_empty() || st.close.is_some() {
+            drop(st);
+            self.notify.notify_one();
+        }
+    }
+
     /// Take everything queued and the close request, if any. The queue's
     /// buffer moves out with it, so an idle connection holds none.
     pub fn take(&self) -> (VecDeque<Out>, Option<(CloseReason, u64)>) {
@@ -384,7 +401,10 @@ mod tests {
         let c1b = Conn::new(hub.next_conn_id(), 0, "d1".into());
         assert!(hub.register(&c1).unwrap().is_none());
         assert!(hub.register(&c2).unwrap().is_none());
-        assert!(matches!(hub.register(&c3), Err(RegisterError::TooManyConnections)));
+        assert!(matches!(
+            hub.register(&c3),
+            Err(RegisterError::TooManyConnections)
+        ));
         // Replacing is always admitted, and the old one is told.
         let old = hub.register(&c1b).unwrap().unwrap();
         assert_eq!(old.id, c1.id);
@@ -425,11 +445,38 @@ mod tests {
     fn queue_bound_marks_slow_consumer() {
         let c = Conn::new(1, 0, "d".into());
         for _ in 0..3 {
-            assert_eq!(c.push(Out { frame: frame(), seq: 0 }, 3), Pushed::Queued);
+            assert_eq!(
+                c.push(
+                    Out {
+                        frame: frame(),
+                        seq: 0
+                    },
+                    3
+                ),
+                Pushed::Queued
+            );
         }
-        assert_eq!(c.push(Out { frame: frame(), seq: 0 }, 3), Pushed::Full);
+        assert_eq!(
+            c.push(
+                Out {
+                    frame: frame(),
+                    seq: 0
+                },
+                3
+            ),
+            Pushed::Full
+        );
         assert_eq!(c.closing(), Some(CloseReason::SlowConsumer));
-        assert_eq!(c.push(Out { frame: frame(), seq: 0 }, 3), Pushed::Closed);
+        assert_eq!(
+            c.push(
+                Out {
+                    frame: frame(),
+                    seq: 0
+                },
+                3
+            ),
+            Pushed::Closed
+        );
         let (q, close) = c.take();
         assert_eq!(q.len(), 3);
         assert_eq!(close.map(|c| c.0), Some(CloseReason::SlowConsumer));

@@ -110,29 +110,42 @@ impl Node {
     /// Bind, open the store and start every task. `config` must be validated.
     pub async fn start(config: Config, activated: ActivatedListeners) -> Result<Node, StartError> {
         let tls = match (&config.device.tls_cert, &config.device.tls_key) {
-            (Some(cert), Some(key)) => Some(device::tls_acceptor(cert, key).map_err(StartError::Tls)?),
+            (Some(cert), Some(key)) => {
+                Some(device::tls_acceptor(cert, key).map_err(StartError::Tls)?)
+            }
             _ => None,
         };
         let device_listener = listener("device", config.device.listen, activated.device)?;
         let api_listener = listener("api", config.api.listen, activated.api)?;
-        let device_addr = device_listener.local_addr().map_err(|source| StartError::Bind {
-            what: "device",
-            addr: config.device.listen,
-            source,
-        })?;
-        let api_addr = api_listener.local_addr().map_err(|source| StartError::Bind {
-            what: "api",
-            addr: config.api.listen,
-            source,
-        })?;
+        let device_addr = device_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                what: "device",
+                addr: config.device.listen,
+                source,
+            })?;
+        let api_addr = api_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                what: "api",
+                addr: config.api.listen,
+                source,
+            })?;
         let store = open_store(&config)?;
 
-        let app_ids: Vec<Arc<str>> = config.apps.iter().map(|a| Arc::from(a.id.as_str())).collect();
+        let app_ids: Vec<Arc<str>> = config
+            .apps
+            .iter()
+            .map(|a| Arc::from(a.id.as_str()))
+            .collect();
         let labels: Vec<&str> = app_ids.iter().map(|a| &**a).collect();
         let metrics = Arc::new(Metrics::new(&labels)?);
         metrics.pending.set(store.pending_total() as i64);
         let hub = Arc::new(Hub::new(
-            config.apps.iter().map(|a| (a.id.clone(), a.max_connections)),
+            config
+                .apps
+                .iter()
+                .map(|a| (a.id.clone(), a.max_connections)),
         ));
         let auth = Arc::new(Auth::new(&config));
         let drain = Arc::new(Drain::new());
@@ -235,7 +248,10 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if self.hub.live() > 0 {
-            tracing::warn!(left = self.hub.live(), "drain window over with connections still open");
+            tracing::warn!(
+                left = self.hub.live(),
+                "drain window over with connections still open"
+            );
         }
         let _ = self.api_stop.send(true);
         let _ = self.api_task.await;
@@ -270,7 +286,10 @@ async fn expire_loop(store: Arc<dyn Store>, metrics: Arc<Metrics>) {
 /// Wait for SIGTERM or SIGINT.
 async fn signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the process can only be killed.
         std::future::pending::<()>().await;
         return;

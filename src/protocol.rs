@@ -199,8 +199,8 @@ struct RawFrame<'a> {
 /// Parse a device text frame. Topic names are checked for validity here
 /// (`bad_frame`); permissions are the caller's business.
 pub fn parse_device_frame(text: &str) -> Result<DeviceFrame, FrameRefusal> {
-    let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| FrameRefusal::bad(format!("invalid JSON: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| FrameRefusal::bad(format!("invalid JSON: {e}")))?;
     if !value.is_object() {
         return Err(FrameRefusal::bad("a frame must be a JSON object"));
     }
@@ -274,7 +274,9 @@ pub fn hello_frame(device: &str, heartbeat_secs: u64) -> String {
 /// Where a `msg` frame is going: picks which of `seq` / `topic` it carries.
 #[derive(Debug, Clone, Copy)]
 pub enum MsgTarget<'a> {
-    Device { seq: u64 },
+    Device {
+        seq: u64,
+    },
     /// A device-directed message with `ttl: 0`: neither `seq` nor `topic`.
     DeviceNow,
     Topic(&'a str),
@@ -463,7 +465,8 @@ mod tests {
 
     #[test]
     fn compact_json_does_not_escape_non_ascii() {
-        let v: serde_json::Value = serde_json::from_str("{ \"a\" : \"é\" , \"b\": [1, 2] }").unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str("{ \"a\" : \"é\" , \"b\": [1, 2] }").unwrap();
         assert_eq!(compact_json(&v), "{\"a\":\"é\",\"b\":[1,2]}");
     }
 

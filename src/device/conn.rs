@@ -59,10 +59,15 @@ enum Flow {
     Gone,
 }
 
-/// Why a write failed: the device is too slow or the socket is gone.
+/// Why a write did not finish.
 enum WriteFail {
+    /// The device did not take the bytes within the write timeout.
     Timeout,
+    /// The socket is gone.
     Socket,
+    /// A close was requested while the write waited (a slow consumer is
+    /// told so by the hub while its socket is still full).
+    Closing,
 }
 
 /// Run a device connection to its end: hello, the backlog, then frames both
@@ -134,7 +139,11 @@ async fn maybe_sleep(timer: &mut Option<Pin<Box<Sleep>>>) {
 }
 
 impl Session {
-    async fn serve<S>(&mut self, mut ws: WebSocketStream<S>, mut tick: watch::Receiver<()>) -> CloseReason
+    async fn serve<S>(
+        &mut self,
+        mut ws: WebSocketStream<S>,
+        mut tick: watch::Receiver<()>,
+    ) -> CloseReason
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -146,7 +155,14 @@ impl Session {
             self.flush(&mut ws).await
         };
         if let Err(fail) = start.await {
-            return self.failed(fail);
+            match self.fail_flow(fail) {
+                Flow::Continue => {} // the close request is handled below
+                Flow::Close(reason, retry_ms) => {
+                    self.close(&mut ws, reason, retry_ms).await;
+                    return reason;
+                }
+                Flow::Gone => return CloseReason::Remote,
+            }
         }
         let mut expiry: Option<Pin<Box<Sleep>>> = None;
         self.arm_expiry(&mut expiry, unix_secs());
@@ -170,13 +186,6 @@ impl Session {
         }
     }
 
-    fn failed(&self, fail: WriteFail) -> CloseReason {
-        match fail {
-            WriteFail::Timeout => CloseReason::SlowConsumer,
-            WriteFail::Socket => CloseReason::Remote,
-        }
-    }
-
     /// Arm the precise expiry timer once the token's end is within the next
     /// heartbeat (so an idle connection holds no timer until then).
     fn arm_expiry(&self, expiry: &mut Option<Pin<Box<Sleep>>>, now: u64) {
@@ -190,26 +199,37 @@ impl Session {
         Duration::from_secs(self.ctx.cfg.heartbeat_secs.max(5))
     }
 
+    /// Run one write under the write timeout, abandoning it if a close is
+    /// requested meanwhile (a full socket must not keep a slow consumer
+    /// open until the timeout).
+    async fn write_op(
+        &self,
+        op: impl std::future::Future<Output = Result<(), WsError>>,
+    ) -> Result<(), WriteFail> {
+        let result = tokio::select! {
+            r = tokio::time::timeout(self.write_timeout(), op) => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(WriteFail::Socket),
+                Err(_) => Err(WriteFail::Timeout),
+            },
+            _ = self.conn.closed() => Err(WriteFail::Closing),
+        };
+        self.conn.rearm();
+        result
+    }
+
     async fn feed<S>(&self, ws: &mut WebSocketStream<S>, text: Utf8Bytes) -> Result<(), WriteFail>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        match tokio::time::timeout(self.write_timeout(), ws.feed(Message::Text(text))).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(WriteFail::Socket),
-            Err(_) => Err(WriteFail::Timeout),
-        }
+        self.write_op(ws.feed(Message::Text(text))).await
     }
 
     async fn flush<S>(&self, ws: &mut WebSocketStream<S>) -> Result<(), WriteFail>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        match tokio::time::timeout(self.write_timeout(), ws.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(WriteFail::Socket),
-            Err(_) => Err(WriteFail::Timeout),
-        }
+        self.write_op(ws.flush()).await
     }
 
     /// Send the `dropped` notice if the store has one for this device.
@@ -233,7 +253,11 @@ impl Session {
 
     /// Send every pending message after `last_sent`, in seq order, reading
     /// the store. Used on connect and whenever the queue shows a gap.
-    async fn catch_up<S>(&mut self, ws: &mut WebSocketStream<S>, dropped: bool) -> Result<(), WriteFail>
+    async fn catch_up<S>(
+        &mut self,
+        ws: &mut WebSocketStream<S>,
+        dropped: bool,
+    ) -> Result<(), WriteFail>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -245,7 +269,13 @@ impl Session {
             let page = match self
                 .ctx
                 .store
-                .pending(&app, &self.conn.device, self.last_sent, now_ms(), CATCH_UP_PAGE)
+                .pending(
+                    &app,
+                    &self.conn.device,
+                    self.last_sent,
+                    now_ms(),
+                    CATCH_UP_PAGE,
+                )
                 .await
             {
                 Ok(p) => p,
@@ -259,7 +289,8 @@ impl Session {
             let now = now_ms();
             for m in page {
                 let data = std::str::from_utf8(&m.data).unwrap_or("null");
-                let text = protocol::msg_frame(&m.id, protocol::MsgTarget::Device { seq: m.seq }, data);
+                let text =
+                    protocol::msg_frame(&m.id, protocol::MsgTarget::Device { seq: m.seq }, data);
                 self.feed(ws, Utf8Bytes::from(text)).await?;
                 self.last_sent = m.seq;
                 self.ctx.metrics.sent(crate::hub::MsgKind::Device).inc();
@@ -305,6 +336,8 @@ impl Session {
             // (best effort: the bye may not get through).
             WriteFail::Timeout => Flow::Close(CloseReason::SlowConsumer, retry_jitter()),
             WriteFail::Socket => Flow::Gone,
+            // The main loop picks the close request up next.
+            WriteFail::Closing => Flow::Continue,
         }
     }
 
@@ -357,7 +390,10 @@ impl Session {
                 Ok(frame) => self.on_frame(frame).await,
                 Err(refusal) => self.refuse(refusal.code, &refusal.message),
             },
-            Message::Binary(_) => self.refuse(FrameError::BadFrame, "binary frames are not accepted; send JSON text frames"),
+            Message::Binary(_) => self.refuse(
+                FrameError::BadFrame,
+                "binary frames are not accepted; send JSON text frames",
+            ),
             // tungstenite queued the pong; it goes out with the flush below.
             Message::Ping(_) => Answer::None,
             Message::Pong(_) | Message::Frame(_) => return Flow::Continue,
@@ -458,11 +494,12 @@ impl Session {
             return Flow::Close(CloseReason::TokenExpired, 0);
         }
         self.arm_expiry(expiry, now);
-        let ping = tokio::time::timeout(self.write_timeout(), ws.send(Message::Ping(Default::default())));
-        match ping.await {
-            Ok(Ok(())) => Flow::Continue,
-            Ok(Err(_)) => Flow::Gone,
-            Err(_) => Flow::Close(CloseReason::SlowConsumer, retry_jitter()),
+        match self
+            .write_op(ws.send(Message::Ping(Default::default())))
+            .await
+        {
+            Ok(()) => Flow::Continue,
+            Err(fail) => self.fail_flow(fail),
         }
     }
 
@@ -479,8 +516,10 @@ impl Session {
         };
         let closing = async {
             if reason.sends_bye() {
-                ws.feed(Message::Text(Utf8Bytes::from(protocol::bye_frame(reason, retry_ms))))
-                    .await?;
+                ws.feed(Message::Text(Utf8Bytes::from(protocol::bye_frame(
+                    reason, retry_ms,
+                ))))
+                .await?;
             }
             ws.send(Message::Close(Some(CloseFrame {
                 code: CloseCode::from(reason.code()),

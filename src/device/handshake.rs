@@ -113,7 +113,9 @@ struct Request<'a> {
 }
 
 /// Read the request head; returns the buffer and the head's length.
-async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(Vec<u8>, usize), HandshakeError> {
+async fn read_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<(Vec<u8>, usize), HandshakeError> {
     let mut buf = Vec::with_capacity(1024);
     loop {
         if buf.len() >= MAX_HEAD {
@@ -196,7 +198,11 @@ fn has_token(value: &[u8], token: &str) -> bool {
 /// Check the upgrade itself (RFC 6455 §4.2.1); returns the accept key.
 fn check_upgrade(r: &Request<'_>) -> Result<String, Refusal> {
     if r.path != "/v1/connect" {
-        return Err(Refusal::new(404, "not_found", format!("no endpoint at {}", r.path)));
+        return Err(Refusal::new(
+            404,
+            "not_found",
+            format!("no endpoint at {}", r.path),
+        ));
     }
     if r.method != "GET" {
         return Err(Refusal::bad("the upgrade must be a GET"));
@@ -327,12 +333,20 @@ fn decide<'a>(
     let req = parse_request(head, headers)?;
     let accept = check_upgrade(&req)?;
     if ctx.drain.is_draining() {
-        let mut r = Refusal::new(503, "draining", "the gateway is shutting down; reconnect later");
+        let mut r = Refusal::new(
+            503,
+            "draining",
+            "the gateway is shutting down; reconnect later",
+        );
         r.retry_after = Some(jitter_secs(1, 5));
         return Err(r);
     }
     if let Err(wait) = ctx.handshake_limit.try_take() {
-        let mut r = Refusal::new(503, "overloaded", "too many handshakes right now; retry later");
+        let mut r = Refusal::new(
+            503,
+            "overloaded",
+            "too many handshakes right now; retry later",
+        );
         r.retry_after = Some(retry_after_secs(wait) + jitter_secs(0, 4));
         return Err(r);
     }

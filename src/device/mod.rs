@@ -152,7 +152,12 @@ async fn tls_connection(
     }
 }
 
-async fn connection(ctx: Arc<DeviceCtx>, tcp: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
+async fn connection(
+    ctx: Arc<DeviceCtx>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) {
     let deadline =
         tokio::time::Instant::now() + Duration::from_secs(ctx.cfg.handshake_timeout_secs);
     upgrade(ctx, tcp, peer, permit, deadline).await
@@ -195,7 +200,10 @@ pub async fn serve_stream<S>(ctx: Arc<DeviceCtx>, stream: S)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (permit_src, peer) = (Arc::new(Semaphore::new(1)), SocketAddr::from(([0, 0, 0, 0], 0)));
+    let (permit_src, peer) = (
+        Arc::new(Semaphore::new(1)),
+        SocketAddr::from(([0, 0, 0, 0], 0)),
+    );
     let Ok(permit) = permit_src.acquire_owned().await else {
         return;
     };

@@ -1,0 +1,8 @@
+//! pushgate's integration tests: one binary, modules inside, real sockets
+//! on 127.0.0.1:0 against gateways started in-process (or as processes
+//! where exit codes and signals are the point).
+
+mod support;
+
+mod delivery;
+mod device;
