@@ -6,3 +6,6 @@ mod support;
 
 mod delivery;
 mod device;
+mod ops;
+mod process;
+mod tls;
