@@ -1,0 +1,1206 @@
+//! The coordinator: plans the run, starts the worker processes, drives the
+//! scenario through the backend API, watches progress, and turns the
+//! workers' reports into [`Results`].
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::time::Instant;
+
+use crate::api::Api;
+use crate::bench::Gateway;
+use crate::cli::{LoadOpts, Scenario, TokenIn};
+use crate::procstat::{self, Sample};
+use crate::results::*;
+use crate::target::{self, Endpoint};
+use crate::wire::{self, Cmd, Event, Kind, Payload, Progress, WorkerConfig, WorkerReport};
+
+/// Most connections one run may ask for (bounded loops, bounded memory).
+const MAX_CONNECTIONS: u64 = 10_000_000;
+/// Most worker processes.
+const MAX_WORKERS: u32 = 512;
+/// Most messages one fan-out run sends, and most device pushes.
+const MAX_MESSAGES: u64 = 10_000_000;
+
+/// A validated run: resolved endpoints, worker shares, ids.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub scenario: Scenario,
+    pub o: LoadOpts,
+    pub device: Endpoint,
+    pub api: Endpoint,
+    pub sources: Vec<IpAddr>,
+    /// (first global index, count) per worker.
+    pub shares: Vec<(u64, u64)>,
+    pub run_id: String,
+    /// storm: restart the gateway instead of dropping clients (bench only).
+    pub restart: bool,
+}
+
+impl Plan {
+    /// Checks the options and resolves the endpoints (loopback only unless
+    /// `--allow-remote`).
+    pub async fn new(scenario: Scenario, o: LoadOpts, restart: bool) -> Result<Plan> {
+        if o.connections == 0 || o.connections > MAX_CONNECTIONS {
+            bail!("--connections must be 1..={MAX_CONNECTIONS}");
+        }
+        if o.secret.as_deref().unwrap_or("").is_empty() {
+            bail!("--secret (the app's device secret, or PUSHGATE_DEVICE_SECRET) is required: devices sign their own tokens");
+        }
+        if scenario.needs_api() && o.api_key.as_deref().unwrap_or("").is_empty() {
+            bail!(
+                "the {} scenario pushes through the API: give --api-key (or PUSHGATE_API_KEY)",
+                scenario.name()
+            );
+        }
+        if o.per_worker == 0 {
+            bail!("--per-worker must be at least 1");
+        }
+        let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(_, h)| h)
+            .unwrap_or(u64::MAX);
+        if o.per_worker + 64 > hard {
+            bail!(
+                "--per-worker {} is above what one process may open (hard fd limit {hard}); lower it",
+                o.per_worker
+            );
+        }
+        let needed = o.connections.div_ceil(o.per_worker);
+        let workers = match o.workers {
+            Some(0) => bail!("--workers must be at least 1"),
+            Some(w) if u64::from(w) < needed => bail!(
+                "{} connections over {w} workers is more than --per-worker {} each; use at least {needed} workers",
+                o.connections,
+                o.per_worker
+            ),
+            Some(w) => w,
+            None => needed as u32,
+        };
+        if workers > MAX_WORKERS || u64::from(workers) > o.connections {
+            bail!(
+                "--workers must be 1..={} and at most --connections",
+                MAX_WORKERS
+            );
+        }
+        for (name, v) in [
+            ("--hold", o.hold),
+            ("--settle", o.settle),
+            ("--drain-timeout", o.drain_timeout),
+            ("--storm-timeout", o.storm_timeout),
+            ("--ramp", o.ramp),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{name} must be a number >= 0");
+            }
+        }
+        if !(o.connect_timeout.is_finite() && o.connect_timeout > 0.0) {
+            bail!("--connect-timeout must be > 0");
+        }
+        if !(o.time_limit.is_finite() && o.time_limit > 0.0) {
+            bail!("--time-limit must be > 0");
+        }
+        if o.concurrency == 0 || o.api_conns == 0 {
+            bail!("--concurrency and --api-conns must be at least 1");
+        }
+        match scenario {
+            Scenario::Broadcast | Scenario::Topic if o.count == 0 || o.count > MAX_MESSAGES => {
+                bail!("--count must be 1..={MAX_MESSAGES}")
+            }
+            Scenario::Topic if o.topics == 0 => bail!("--topics must be at least 1"),
+            Scenario::Device => {
+                if !(o.rate.is_finite()
+                    && o.rate > 0.0
+                    && o.duration.is_finite()
+                    && o.duration > 0.0)
+                {
+                    bail!("--rate and --duration must be > 0");
+                }
+                if o.rate * o.duration > MAX_MESSAGES as f64 {
+                    bail!("--rate × --duration must be at most {MAX_MESSAGES} messages");
+                }
+                if o.batch == 0 || o.batch > 500 {
+                    bail!("--batch must be 1..=500");
+                }
+            }
+            Scenario::Storm if o.rounds == 0 || o.rounds > 1000 => {
+                bail!("--rounds must be 1..=1000")
+            }
+            _ => {}
+        }
+        if restart && scenario != Scenario::Storm {
+            bail!("--restart only applies to the storm scenario");
+        }
+        let device = target::resolve(&o.url, &["ws", "wss"], o.allow_remote).await?;
+        let api = target::resolve(&o.api, &["http"], o.allow_remote).await?;
+        let sources = target::parse_sources(&o.source, o.allow_remote)?;
+        if let Some(bad) = sources
+            .iter()
+            .find(|s| s.is_ipv4() != device.addr.is_ipv4())
+        {
+            bail!(
+                "--source {bad} is not of the same address family as {}; give matching sources or --source none",
+                device.addr
+            );
+        }
+        let (base, rem) = (
+            o.connections / u64::from(workers),
+            o.connections % u64::from(workers),
+        );
+        let mut shares = Vec::new();
+        let mut first = 0;
+        for w in 0..u64::from(workers) {
+            let count = base + u64::from(w < rem);
+            shares.push((first, count));
+            first += count;
+        }
+        let run_id = format!("{:x}", crate::now_us());
+        Ok(Plan {
+            scenario,
+            o,
+            device,
+            api,
+            sources,
+            shares,
+            run_id,
+            restart,
+        })
+    }
+
+    fn worker_config(&self, worker: u32) -> WorkerConfig {
+        let o = &self.o;
+        let (first, count) = self.shares[worker as usize];
+        WorkerConfig {
+            worker,
+            first_index: first,
+            count,
+            host: self.device.host.clone(),
+            port: self.device.port,
+            path: self.device.path.clone(),
+            addr: self.device.addr,
+            tls: self.device.is_tls(),
+            sources: self.sources.clone(),
+            rate: o.ramp / self.shares.len() as f64,
+            concurrency: o.concurrency,
+            connect_timeout_ms: (o.connect_timeout * 1000.0) as u64,
+            retries: o.retries,
+            app: o.app.clone(),
+            secret: o.secret.clone().unwrap_or_default(),
+            token_ttl: o.token_ttl,
+            token_in_query: o.token_in == TokenIn::Query,
+            device_prefix: o.device_prefix.clone(),
+            topics: if self.scenario == Scenario::Topic {
+                o.topics
+            } else {
+                0
+            },
+            run_id: self.run_id.clone(),
+            reconnect: self.scenario == Scenario::Storm,
+            reconnect_window_ms: (o.storm_timeout * 1000.0) as u64,
+        }
+    }
+
+    /// Device id of global connection `g`.
+    fn device_of(&self, g: u64) -> String {
+        let w = self.shares.partition_point(|&(first, _)| first <= g) - 1;
+        wire::device_id(&self.o.device_prefix, w as u32, g - self.shares[w].0)
+    }
+
+    fn setup(&self) -> Setup {
+        let o = &self.o;
+        Setup {
+            url: o.url.clone(),
+            api: o.api.clone(),
+            app: o.app.clone(),
+            connections: o.connections,
+            workers: self.shares.len() as u32,
+            per_worker: self.shares.iter().map(|s| s.1).collect(),
+            ramp_per_sec: o.ramp,
+            hold_secs: o.hold,
+            source_addresses: self.sources.len(),
+            tls: self.device.is_tls(),
+            token_in: format!("{:?}", o.token_in).to_lowercase(),
+            concurrency_per_worker: o.concurrency,
+            run_id: self.run_id.clone(),
+            bench: None,
+        }
+    }
+}
+
+/// Set once, by Ctrl-C or the time limit, with the reason. A second Ctrl-C
+/// exits at once.
+pub type Stop = watch::Receiver<Option<String>>;
+
+fn install_stop(time_limit: Duration) -> Stop {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let why = tokio::select! {
+            r = tokio::signal::ctrl_c() => match r {
+                Ok(()) => "interrupted (Ctrl-C)".to_string(),
+                // No signal handling: only the time limit stops the run.
+                Err(_) => { tokio::time::sleep(time_limit).await; format!("time limit {time_limit:?} reached") }
+            },
+            _ = tokio::time::sleep(time_limit) => format!("time limit {time_limit:?} reached"),
+        };
+        eprintln!(
+            "\n{why}: stopping, collecting what the workers have (Ctrl-C again to quit at once)"
+        );
+        let _ = tx.send(Some(why));
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("second Ctrl-C: exiting without a report");
+            std::process::exit(130);
+        }
+    });
+    rx
+}
+
+fn stopped(stop: &Stop) -> bool {
+    stop.borrow().is_some()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Met,
+    Timeout,
+    Stopped,
+    Gone,
+}
+
+/// The progress line on stderr.
+struct Printer {
+    quiet: bool,
+    tty: bool,
+    printed: bool,
+    last: Instant,
+    last_conns: u64,
+    last_deliv: u64,
+    target: u64,
+}
+
+impl Printer {
+    fn tick(&mut self, t: f64, p: &Progress) {
+        let dt = self.last.elapsed().as_secs_f64();
+        if self.quiet || dt < 1.0 {
+            return;
+        }
+        let conns = p.established + p.reconnected;
+        let deliv = p.delivered_total();
+        let line = format!(
+            "{t:7.1}s  up {}/{}  +{:.0}/s  failed {}  closed {}  reconnected {} (failures {})  delivered {} (+{:.0}/s)",
+            p.up,
+            self.target,
+            conns.saturating_sub(self.last_conns) as f64 / dt,
+            p.failed,
+            p.closed,
+            p.reconnected,
+            p.reconnect_failed,
+            deliv,
+            deliv.saturating_sub(self.last_deliv) as f64 / dt,
+        );
+        if self.tty {
+            eprint!("\r\x1b[2K{line}");
+        } else {
+            eprintln!("{line}");
+        }
+        self.printed = true;
+        self.last = Instant::now();
+        self.last_conns = conns;
+        self.last_deliv = deliv;
+    }
+
+    fn end(&mut self) {
+        if self.tty && self.printed {
+            eprintln!();
+        }
+        self.printed = false;
+    }
+}
+
+/// The worker processes and what they last said.
+struct Fleet {
+    children: Vec<Child>,
+    stdins: Vec<Option<ChildStdin>>,
+    rx: mpsc::Receiver<(u32, Option<Event>)>,
+    latest: Vec<Progress>,
+    /// Coordinator-side view of each worker's CPU at its last progress.
+    alive: Vec<bool>,
+    ready: Vec<bool>,
+    reports: Vec<Option<WorkerReport>>,
+    fatal: Vec<String>,
+    timeline: Vec<TimelinePoint>,
+    t0: Instant,
+    printer: Printer,
+    /// Connections up, for senders that need it.
+    up: Arc<AtomicU64>,
+}
+
+impl Fleet {
+    async fn spawn(plan: &Plan, t0: Instant) -> Result<Fleet> {
+        let exe = std::env::current_exe().context("finding this program to start workers")?;
+        let n = plan.shares.len();
+        let (tx, rx) = mpsc::channel(1024);
+        let mut children = Vec::new();
+        let mut stdins = Vec::new();
+        for w in 0..n as u32 {
+            let mut child = Command::new(&exe)
+                .arg("worker")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                // Own process group: a terminal Ctrl-C reaches only the
+                // coordinator, which then finishes the workers in order.
+                .process_group(0)
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting worker {w} ({})", exe.display()))?;
+            let mut stdin = child.stdin.take().context("worker stdin")?;
+            let stdout = child.stdout.take().context("worker stdout")?;
+            let mut line = serde_json::to_vec(&plan.worker_config(w))?;
+            line.push(b'\n');
+            stdin
+                .write_all(&line)
+                .await
+                .context("sending the worker its config")?;
+            stdin.flush().await?;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stdout).lines();
+                // Ends when the worker's stdout closes.
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Ok(ev) = serde_json::from_str::<Event>(&line) {
+                        if tx.send((w, Some(ev))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                let _ = tx.send((w, None)).await;
+            });
+            children.push(child);
+            stdins.push(Some(stdin));
+        }
+        Ok(Fleet {
+            children,
+            stdins,
+            rx,
+            latest: (0..n as u32)
+                .map(|worker| Progress {
+                    worker,
+                    ..Progress::default()
+                })
+                .collect(),
+            alive: vec![true; n],
+            ready: vec![false; n],
+            reports: vec![None; n],
+            fatal: Vec::new(),
+            timeline: Vec::new(),
+            t0,
+            printer: Printer {
+                quiet: plan.o.quiet,
+                tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                printed: false,
+                last: Instant::now(),
+                last_conns: 0,
+                last_deliv: 0,
+                target: plan.o.connections,
+            },
+            up: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    fn sum(&self) -> Progress {
+        Progress::sum(&self.latest)
+    }
+
+    async fn send(&mut self, cmd: &Cmd) {
+        let Ok(mut line) = serde_json::to_vec(cmd) else {
+            return;
+        };
+        line.push(b'\n');
+        for s in self.stdins.iter_mut() {
+            if let Some(stdin) = s {
+                if stdin.write_all(&line).await.is_err() || stdin.flush().await.is_err() {
+                    *s = None;
+                }
+            }
+        }
+    }
+
+    fn on_event(&mut self, w: u32, ev: Option<Event>) {
+        let i = w as usize;
+        match ev {
+            None => self.alive[i] = false,
+            Some(Event::Ready { .. }) => self.ready[i] = true,
+            Some(Event::Progress(p)) => self.latest[i] = p,
+            Some(Event::Report(r)) => {
+                self.latest[i] = r.progress.clone();
+                self.reports[i] = Some(*r);
+            }
+            Some(Event::Fatal { message, .. }) => {
+                self.fatal.push(message);
+                self.alive[i] = false;
+            }
+        }
+        let sum = self.sum();
+        self.up.store(sum.up, Ordering::Relaxed);
+        let t = self.t0.elapsed().as_secs_f64();
+        if self.timeline.last().is_none_or(|l| t - l.t >= 0.25) {
+            self.timeline.push(TimelinePoint {
+                t,
+                up: sum.up,
+                failed: sum.failed,
+                delivered: sum.delivered_total(),
+            });
+        }
+        self.printer.tick(t, &sum);
+    }
+
+    /// Processes events until `cond` holds on the summed progress, the
+    /// deadline passes, the run is stopped, or every worker is gone.
+    async fn wait_for(
+        &mut self,
+        mut cond: impl FnMut(&Fleet) -> bool,
+        deadline: Instant,
+        stop: &Stop,
+    ) -> Wait {
+        let mut stop = stop.clone();
+        // Bounded by the deadline.
+        loop {
+            if cond(self) {
+                return Wait::Met;
+            }
+            if stop.borrow_and_update().is_some() {
+                return Wait::Stopped;
+            }
+            if !self.fatal.is_empty() || self.alive.iter().all(|a| !a) {
+                return Wait::Gone;
+            }
+            tokio::select! {
+                ev = self.rx.recv() => match ev {
+                    Some((w, ev)) => self.on_event(w, ev),
+                    None => return Wait::Gone,
+                },
+                _ = tokio::time::sleep_until(deadline) => return Wait::Timeout,
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
+    /// Waits `d`, keeping progress flowing; false if stopped or workers died.
+    async fn hold(&mut self, d: Duration, stop: &Stop) -> bool {
+        matches!(
+            self.wait_for(|_| false, Instant::now() + d, stop).await,
+            Wait::Timeout
+        )
+    }
+
+    /// Tells every worker to finish and collects the reports (bounded).
+    async fn finish(&mut self) {
+        self.send(&Cmd::Finish).await;
+        let never = watch::channel(None).1;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        self.wait_for(
+            |f| {
+                f.reports
+                    .iter()
+                    .zip(&f.alive)
+                    .all(|(r, alive)| r.is_some() || !alive)
+            },
+            deadline,
+            &never,
+        )
+        .await;
+        self.printer.end();
+        for s in self.stdins.iter_mut() {
+            *s = None;
+        }
+        for (w, c) in self.children.iter_mut().enumerate() {
+            match tokio::time::timeout(Duration::from_secs(5), c.wait()).await {
+                Ok(_) => {}
+                Err(_) => {
+                    eprintln!("worker {w} did not exit; killing it");
+                    let _ = c.kill().await;
+                }
+            }
+        }
+    }
+}
+
+/// Where gateway resource figures come from.
+enum Probe {
+    Pid(u32),
+    Metrics(Arc<Api>),
+    None,
+}
+
+impl Probe {
+    async fn new(pid: Option<u32>, api: Arc<Api>) -> Probe {
+        if let Some(pid) = pid {
+            return Probe::Pid(pid);
+        }
+        let p = Probe::Metrics(api);
+        if p.sample().await.is_some() {
+            p
+        } else {
+            Probe::None
+        }
+    }
+
+    async fn sample(&self) -> Option<Sample> {
+        match self {
+            Probe::Pid(pid) => procstat::read(&pid.to_string()).ok(),
+            Probe::Metrics(api) => {
+                let r = api.get("/metrics").await.ok()?;
+                if r.status != 200 {
+                    return None;
+                }
+                procstat::from_metrics(&String::from_utf8_lossy(&r.body))
+            }
+            Probe::None => None,
+        }
+    }
+}
+
+/// What a sender did, per message number.
+#[derive(Default)]
+struct SendLog {
+    kind: Option<Kind>,
+    messages: u64,
+    accepted: u64,
+    errors: BTreeMap<String, u64>,
+    online: u64,
+    stored: u64,
+    /// Broadcast/topic: deliveries owed per k.
+    expected_k: Vec<u64>,
+    /// Device: accepted k that must arrive.
+    owed: Vec<u64>,
+    api_calls: u64,
+    api_latency: Option<Histogram<u64>>,
+    first_send_us: u64,
+    send_secs: f64,
+}
+
+impl SendLog {
+    fn new(kind: Kind) -> SendLog {
+        SendLog {
+            kind: Some(kind),
+            api_latency: Some(wire::new_hist()),
+            ..SendLog::default()
+        }
+    }
+
+    fn record_error(&mut self, key: String) {
+        *self.errors.entry(key).or_insert(0) += 1;
+    }
+
+    fn record_latency(&mut self, d: Duration) {
+        if let Some(h) = &mut self.api_latency {
+            h.saturating_record((d.as_micros() as u64).max(1));
+        }
+    }
+}
+
+fn http_error_key(r: &crate::api::Response) -> String {
+    match r.error_code() {
+        Some(c) => format!("{}_{c}", r.status),
+        None => r.status.to_string(),
+    }
+}
+
+fn payload(run_id: &str, kind: Kind, k: u64, pad: &str) -> serde_json::Value {
+    serde_json::to_value(Payload {
+        ts_us: crate::now_us(),
+        run: run_id.to_string(),
+        kind: kind.tag().to_string(),
+        k,
+        pad: pad.to_string(),
+    })
+    .unwrap_or_default()
+}
+
+/// Broadcasts or topic messages, back to back (or `interval` apart).
+async fn send_fanout(
+    plan: Arc<Plan>,
+    api: Arc<Api>,
+    kind: Kind,
+    up: Arc<AtomicU64>,
+    stop: Stop,
+) -> SendLog {
+    let o = &plan.o;
+    let mut log = SendLog::new(kind);
+    let path = format!("/v1/apps/{}/messages", o.app);
+    let pad = "x".repeat(o.payload_bytes);
+    let start = std::time::Instant::now();
+    log.first_send_us = crate::now_us();
+    let n = o.connections;
+    let topics = u64::from(o.topics.max(1));
+    for k in 0..o.count {
+        if stopped(&stop) {
+            break;
+        }
+        let (to, ours) = match kind {
+            Kind::Topic => {
+                let t = k % topics;
+                // Devices g with g % topics == t.
+                let ours = n / topics + u64::from(t < n % topics);
+                (
+                    json!({"topic": wire::topic_name(&o.device_prefix, t)}),
+                    ours,
+                )
+            }
+            _ => (json!({"broadcast": true}), n),
+        };
+        let all_up = up.load(Ordering::Relaxed) == n;
+        let body = json!({"to": to, "data": payload(&plan.run_id, kind, k, &pad)});
+        log.messages += 1;
+        let t = std::time::Instant::now();
+        let r = api.post_json(&path, &body).await;
+        log.record_latency(t.elapsed());
+        log.api_calls += 1;
+        let owed = match r {
+            Ok(r) if r.status == 202 => {
+                log.accepted += 1;
+                let v = r.json().unwrap_or_default();
+                let online = v.get("online").and_then(|x| x.as_u64()).unwrap_or(0);
+                log.online += online;
+                // With every connection up we know who must receive it; if
+                // some are down, the gateway's count is the best we have.
+                if all_up {
+                    ours
+                } else {
+                    online
+                }
+            }
+            Ok(r) => {
+                log.record_error(http_error_key(&r));
+                // Overload (429 queue_full / rate_limited, 503): back off as
+                // asked, bounded, so the run measures rather than hammers.
+                if let Some(secs) = r
+                    .header("retry-after")
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                {
+                    tokio::time::sleep(Duration::from_secs(secs.min(5))).await;
+                }
+                0
+            }
+            Err(_) => {
+                log.record_error("transport".into());
+                0
+            }
+        };
+        log.expected_k.push(owed);
+        if o.interval_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(o.interval_ms)).await;
+        }
+    }
+    log.send_secs = start.elapsed().as_secs_f64();
+    log
+}
+
+/// Pushes to random devices at `--rate` for `--duration`.
+async fn send_devices(plan: Arc<Plan>, api: Arc<Api>, stop: Stop) -> SendLog {
+    let o = &plan.o;
+    let log = Arc::new(Mutex::new(SendLog::new(Kind::Device)));
+    let total = (o.rate * o.duration).round().max(1.0) as u64;
+    let batch = u64::from(o.batch);
+    let calls = total.div_ceil(batch);
+    let inflight = Arc::new(Semaphore::new(o.api_conns));
+    let mut rng = StdRng::seed_from_u64(o.seed);
+    let pad = "x".repeat(o.payload_bytes);
+    let start = Instant::now();
+    let wall = std::time::Instant::now();
+    if let Ok(mut l) = log.lock() {
+        l.first_send_us = crate::now_us();
+    }
+    let mut k = 0u64;
+    for call in 0..calls {
+        tokio::time::sleep_until(start + Duration::from_secs_f64((call * batch) as f64 / o.rate))
+            .await;
+        if stopped(&stop) {
+            break;
+        }
+        let Ok(permit) = inflight.clone().acquire_owned().await else {
+            break;
+        };
+        let m = batch.min(total - call * batch);
+        let mut msgs = Vec::with_capacity(m as usize);
+        let mut ks = Vec::with_capacity(m as usize);
+        for _ in 0..m {
+            let g = rng.random_range(0..o.connections);
+            msgs.push(json!({
+                "to": {"device": plan.device_of(g)},
+                "data": payload(&plan.run_id, Kind::Device, k, &pad),
+                "ttl": o.ttl,
+            }));
+            ks.push(k);
+            k += 1;
+        }
+        let (path, body) = if o.batch == 1 {
+            (
+                format!("/v1/apps/{}/messages", o.app),
+                msgs.pop().unwrap_or_default(),
+            )
+        } else {
+            (
+                format!("/v1/apps/{}/messages/batch", o.app),
+                json!({"messages": msgs}),
+            )
+        };
+        let api = api.clone();
+        let log = log.clone();
+        let ttl0 = o.ttl == 0;
+        tokio::spawn(async move {
+            let t = std::time::Instant::now();
+            let r = api.post_json(&path, &body).await;
+            let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+            l.record_latency(t.elapsed());
+            l.api_calls += 1;
+            l.messages += ks.len() as u64;
+            // One entry per message: (accepted, online, stored) or an error key.
+            let outcomes: Vec<Result<(u64, u64), String>> = match r {
+                Ok(r) if r.status == 202 && ks.len() == 1 => {
+                    let v = r.json().unwrap_or_default();
+                    vec![Ok((
+                        v.get("online").and_then(|x| x.as_u64()).unwrap_or(0),
+                        v.get("stored").and_then(|x| x.as_u64()).unwrap_or(0),
+                    ))]
+                }
+                Ok(r) if r.status == 200 && ks.len() > 1 => {
+                    let v = r.json().unwrap_or_default();
+                    let results = v
+                        .get("results")
+                        .and_then(|x| x.as_array())
+                        .cloned()
+                        .unwrap_or_default();
+                    (0..ks.len())
+                        .map(|i| match results.get(i) {
+                            Some(e) if e.get("error").is_some() => Err(format!(
+                                "batch_{}",
+                                e["error"]
+                                    .get("code")
+                                    .and_then(|c| c.as_str())
+                                    .unwrap_or("error")
+                            )),
+                            Some(e) => Ok((
+                                e.get("online").and_then(|x| x.as_u64()).unwrap_or(0),
+                                e.get("stored").and_then(|x| x.as_u64()).unwrap_or(0),
+                            )),
+                            None => Err("batch_missing_result".into()),
+                        })
+                        .collect()
+                }
+                Ok(r) => vec![Err(http_error_key(&r)); ks.len()],
+                Err(_) => vec![Err("transport".into()); ks.len()],
+            };
+            for (k, out) in ks.into_iter().zip(outcomes) {
+                match out {
+                    Ok((online, stored)) => {
+                        l.accepted += 1;
+                        l.online += online;
+                        l.stored += stored;
+                        if !ttl0 || online > 0 {
+                            l.owed.push(k);
+                        }
+                    }
+                    Err(key) => l.record_error(key),
+                }
+            }
+            drop(permit);
+        });
+    }
+    // Wait for the calls in flight (each bounded by the API timeout).
+    let _ = inflight.acquire_many(o.api_conns as u32).await;
+    let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+    l.send_secs = wall.elapsed().as_secs_f64();
+    std::mem::take(&mut *l)
+}
+
+/// Runs the plan; `gw` is the gateway `bench` started (for its pid and for
+/// storm restarts).
+pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results> {
+    let plan = Arc::new(plan);
+    let o = &plan.o;
+    let t0 = Instant::now();
+    let cpu0 = procstat::self_cpu_ms();
+    let stop = install_stop(Duration::from_secs_f64(o.time_limit));
+    let mut res = Results {
+        tool: "pushgate-loadtest".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        scenario: plan.scenario.name().into(),
+        started_unix: crate::unix_secs(),
+        setup: plan.setup(),
+        ..Results::default()
+    };
+    let api = Arc::new(Api::new(
+        &plan.api,
+        o.api_key.clone(),
+        Duration::from_secs(30),
+    ));
+    let mut probe = Probe::new(o.gateway_pid.or(gw.as_ref().map(|g| g.pid())), api.clone()).await;
+    let mut gs = GatewayStats {
+        source: match probe {
+            Probe::Pid(_) => "proc".into(),
+            Probe::Metrics(_) => "metrics".into(),
+            Probe::None => String::new(),
+        },
+        pid: match probe {
+            Probe::Pid(p) => Some(p),
+            _ => None,
+        },
+        ..GatewayStats::default()
+    };
+    gs.before = probe.sample().await;
+
+    let mut fleet = Fleet::spawn(&plan, t0).await?;
+    let mut ok = match fleet
+        .wait_for(
+            |f| f.ready.iter().all(|r| *r),
+            Instant::now() + Duration::from_secs(20),
+            &stop,
+        )
+        .await
+    {
+        Wait::Met => true,
+        Wait::Timeout => {
+            res.errors
+                .push("workers did not get ready within 20 s".into());
+            false
+        }
+        _ => false,
+    };
+
+    // Ramp.
+    let ramp_start = Instant::now();
+    if ok {
+        fleet.send(&Cmd::Connect).await;
+        let per_worker = plan.shares.iter().map(|s| s.1).max().unwrap_or(0) as f64;
+        let ramp_secs = if o.ramp > 0.0 {
+            o.connections as f64 / o.ramp
+        } else {
+            0.0
+        };
+        let conc = o.concurrency as f64;
+        let worst = ramp_secs * 2.0
+            + (per_worker / conc).ceil() * o.connect_timeout * f64::from(o.retries + 1)
+            + 30.0;
+        let w = fleet
+            .wait_for(
+                |f| f.sum().ramp_done,
+                Instant::now() + Duration::from_secs_f64(worst),
+                &stop,
+            )
+            .await;
+        if w == Wait::Timeout {
+            res.errors
+                .push(format!("the ramp did not finish within {worst:.0} s"));
+        }
+        ok = w == Wait::Met;
+    }
+    let ramp = fleet.sum();
+    res.connections.ramp_secs = ramp_start.elapsed().as_secs_f64();
+    res.connections.handshakes_per_sec = if res.connections.ramp_secs > 0.0 {
+        ramp.established as f64 / res.connections.ramp_secs
+    } else {
+        0.0
+    };
+    if ok && o.settle > 0.0 {
+        ok = fleet.hold(Duration::from_secs_f64(o.settle), &stop).await;
+    }
+    gs.connected = probe.sample().await;
+    let up_connected = fleet.sum().up;
+
+    // The scenario's action.
+    let mut log: Option<SendLog> = None;
+    let mut phase_cpu: Option<(f64, f64)> = None;
+    let client_cpu =
+        |f: &Fleet| f.latest.iter().map(|p| p.cpu_ms).sum::<f64>() + procstat::self_cpu_ms();
+    if ok {
+        match plan.scenario {
+            Scenario::Idle => {}
+            Scenario::Broadcast | Scenario::Topic | Scenario::Device => {
+                let kind = match plan.scenario {
+                    Scenario::Broadcast => Kind::Broadcast,
+                    Scenario::Topic => Kind::Topic,
+                    _ => Kind::Device,
+                };
+                gs.before_send = probe.sample().await;
+                let c0 = client_cpu(&fleet);
+                let before = fleet.sum().delivered[kind.idx()];
+                let handle = if kind == Kind::Device {
+                    tokio::spawn(send_devices(plan.clone(), api.clone(), stop.clone()))
+                } else {
+                    tokio::spawn(send_fanout(
+                        plan.clone(),
+                        api.clone(),
+                        kind,
+                        fleet.up.clone(),
+                        stop.clone(),
+                    ))
+                };
+                // Sending: bounded by count/rate; the API timeout bounds each call.
+                let send_limit = match kind {
+                    Kind::Device => o.duration + 60.0,
+                    _ => o.count as f64 * (30.0 + o.interval_ms as f64 / 1000.0),
+                };
+                let w = fleet
+                    .wait_for(
+                        |_| handle.is_finished(),
+                        Instant::now() + Duration::from_secs_f64(send_limit),
+                        &stop,
+                    )
+                    .await;
+                if w == Wait::Timeout {
+                    handle.abort();
+                    res.errors.push("sending did not finish in time".into());
+                }
+                let sent = handle.await.unwrap_or_default();
+                let owed: u64 = match kind {
+                    Kind::Device => sent.owed.len() as u64,
+                    _ => sent.expected_k.iter().sum(),
+                };
+                let w = fleet
+                    .wait_for(
+                        |f| f.sum().delivered[kind.idx()] - before >= owed,
+                        Instant::now() + Duration::from_secs_f64(o.drain_timeout),
+                        &stop,
+                    )
+                    .await;
+                ok = matches!(w, Wait::Met | Wait::Timeout);
+                gs.after_send = probe.sample().await;
+                phase_cpu = Some((c0, client_cpu(&fleet)));
+                log = Some(sent);
+            }
+            Scenario::Storm => {
+                for round in 1..=o.rounds {
+                    let before = fleet.sum();
+                    let target = before.up;
+                    let started = Instant::now();
+                    let deadline = started + Duration::from_secs_f64(o.storm_timeout);
+                    let done = |f: &Fleet| {
+                        let p = f.sum();
+                        p.reconnected - before.reconnected >= target && p.up >= target
+                    };
+                    let mut stop_secs = None;
+                    let mut start_secs = None;
+                    let how;
+                    let w = if let (true, Some(g)) = (plan.restart, gw.as_deref_mut()) {
+                        how = "gateway_restart";
+                        let (r, w) =
+                            tokio::join!(g.restart(), fleet.wait_for(done, deadline, &stop));
+                        match r {
+                            Ok((a, b)) => {
+                                stop_secs = Some(a);
+                                start_secs = Some(b);
+                            }
+                            Err(e) => res.errors.push(format!("gateway restart: {e:#}")),
+                        }
+                        probe = Probe::Pid(g.pid());
+                        gs.pid = Some(g.pid());
+                        w
+                    } else {
+                        how = "client_drop";
+                        fleet.send(&Cmd::Storm { round }).await;
+                        fleet.wait_for(done, deadline, &stop).await
+                    };
+                    let after = fleet.sum();
+                    res.storm.push(StormRound {
+                        round,
+                        how: how.into(),
+                        target,
+                        back: after.up,
+                        recovered: w == Wait::Met,
+                        secs: started.elapsed().as_secs_f64(),
+                        reconnect_failures: after.reconnect_failed - before.reconnect_failed,
+                        stop_secs,
+                        start_secs,
+                    });
+                    if !matches!(w, Wait::Met | Wait::Timeout) {
+                        ok = false;
+                        break;
+                    }
+                    if round < o.rounds && !fleet.hold(Duration::from_secs(1), &stop).await {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    if ok && o.hold > 0.0 {
+        fleet.hold(Duration::from_secs_f64(o.hold), &stop).await;
+    }
+    gs.after = probe.sample().await;
+    let end = fleet.sum();
+    fleet.finish().await;
+
+    // Aggregate.
+    res.interrupted = stop.borrow().clone();
+    res.errors.extend(fleet.fatal.iter().cloned());
+    for (w, r) in fleet.reports.iter().enumerate() {
+        if r.is_none() {
+            res.errors.push(format!("worker {w} sent no report"));
+        }
+    }
+    let reports: Vec<&WorkerReport> = fleet.reports.iter().flatten().collect();
+    let fin = fleet.sum();
+    let c = &mut res.connections;
+    c.target = o.connections;
+    c.attempts = fin.attempts;
+    c.established = fin.established;
+    c.failed = fin.failed;
+    c.up_at_end = end.up;
+    c.peak_up = fin.peak_up;
+    c.closed = fin.closed;
+    c.reconnected = fin.reconnected;
+    c.reconnect_failed = fin.reconnect_failed;
+    c.gave_up = fin.gave_up;
+    let mut handshake = wire::new_hist();
+    let mut latency = [wire::new_hist(), wire::new_hist(), wire::new_hist()];
+    let mut per_k: [Vec<u64>; 2] = Default::default();
+    let mut device_received = Vec::new();
+    for r in &reports {
+        merge_map(&mut c.failed_by, &r.failed_by);
+        merge_map(&mut c.reconnect_failed_by, &r.reconnect_failed_by);
+        merge_map(&mut c.closed_by, &r.closed_by);
+        wire::add_pairs(&mut handshake, &r.handshake_us);
+        for (h, pairs) in latency.iter_mut().zip(&r.latency_us) {
+            wire::add_pairs(h, pairs);
+        }
+        for (acc, got) in per_k.iter_mut().zip(&r.per_k) {
+            if acc.len() < got.len() {
+                acc.resize(got.len(), 0);
+            }
+            for (a, g) in acc.iter_mut().zip(got) {
+                *a += g;
+            }
+        }
+        device_received.extend_from_slice(&r.device_received);
+        res.frames.foreign += r.foreign;
+        res.frames.dropped += r.dropped;
+        res.frames.acks += r.acks;
+        merge_map(&mut res.frames.anomalies, &r.error_frames);
+        res.client.workers.push(WorkerUse {
+            worker: r.progress.worker,
+            cpu_ms: r.cpu_ms,
+            max_rss_bytes: r.max_rss_bytes,
+        });
+    }
+    c.handshake_ms = Percentiles::from_us(&handshake);
+
+    if let Some(log) = log {
+        let kind = log.kind.unwrap_or(Kind::Broadcast);
+        let dups: u64 = reports.iter().map(|r| r.duplicates[kind.idx()]).sum();
+        let mut d = Delivery {
+            kind: kind.name().into(),
+            messages: log.messages,
+            accepted: log.accepted,
+            api_errors: log.errors.clone(),
+            gateway_online: log.online,
+            gateway_stored: log.stored,
+            delivered: fin.delivered[kind.idx()],
+            duplicates: dups,
+            latency_ms: Percentiles::from_us(&latency[kind.idx()]),
+            api_latency_ms: log.api_latency.as_ref().and_then(Percentiles::from_us),
+            api_calls_per_sec: if log.send_secs > 0.0 {
+                log.api_calls as f64 / log.send_secs
+            } else {
+                0.0
+            },
+            ..Delivery::default()
+        };
+        match kind {
+            Kind::Device => {
+                device_received.sort_unstable();
+                device_received.dedup();
+                d.expected = log.owed.len() as u64;
+                d.unique = device_received.len() as u64;
+                d.lost = log
+                    .owed
+                    .iter()
+                    .filter(|k| device_received.binary_search(k).is_err())
+                    .count() as u64;
+                d.out_of_order = reports.iter().map(|r| r.out_of_order).sum();
+                if o.ttl > 0 {
+                    d.missing_seq = reports.iter().map(|r| r.missing_seq).sum();
+                }
+            }
+            _ => {
+                let got = &per_k[kind.idx()];
+                d.expected = log.expected_k.iter().sum();
+                d.unique = got.iter().sum();
+                d.lost = log
+                    .expected_k
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &e)| e.saturating_sub(got.get(k).copied().unwrap_or(0)))
+                    .sum();
+            }
+        }
+        if fin.last_rx_us > log.first_send_us {
+            d.window_secs = (fin.last_rx_us - log.first_send_us) as f64 / 1e6;
+            d.deliveries_per_sec = d.unique as f64 / d.window_secs;
+        }
+        if let (Some(a), Some(b)) = (gs.before_send, gs.after_send) {
+            if d.unique > 0 {
+                gs.cpu_ms_per_1000_deliveries =
+                    Some((b.cpu_ms - a.cpu_ms) / d.unique as f64 * 1000.0);
+            }
+        }
+        if let Some((a, b)) = phase_cpu {
+            if d.unique > 0 {
+                res.client.cpu_ms_per_1000_deliveries = Some((b - a) / d.unique as f64 * 1000.0);
+            }
+        }
+        res.deliveries.push(d);
+    }
+    if let (Some(b), Some(c)) = (gs.before, gs.connected) {
+        if up_connected > 0 {
+            gs.bytes_per_conn =
+                Some((c.rss_bytes as f64 - b.rss_bytes as f64) / up_connected as f64);
+            if c.fds > 0 {
+                gs.fds_per_conn = Some((c.fds as f64 - b.fds as f64) / up_connected as f64);
+            }
+        }
+    }
+    if let (Some(c), Some(a)) = (gs.connected, gs.after) {
+        gs.rss_growth_after = Some(a.rss_bytes as f64 - c.rss_bytes as f64);
+    }
+    if let (Some(b), Some(a)) = (gs.before, gs.after) {
+        if gs.pid.is_none() || !plan.restart {
+            gs.cpu_ms_total = Some(a.cpu_ms - b.cpu_ms);
+        }
+    }
+    if gs.before.is_some() || gs.after.is_some() {
+        res.gateway = Some(gs);
+    }
+    res.client.coordinator_cpu_ms = procstat::self_cpu_ms() - cpu0;
+    res.client.cpu_ms =
+        res.client.coordinator_cpu_ms + res.client.workers.iter().map(|w| w.cpu_ms).sum::<f64>();
+    res.timeline = std::mem::take(&mut fleet.timeline);
+    res.elapsed_secs = t0.elapsed().as_secs_f64();
+    res.latency_hist = Some(merge_latency(latency));
+    Ok(res)
+}
+
+fn merge_latency(h: [Histogram<u64>; 3]) -> Histogram<u64> {
+    let [mut a, b, c] = h;
+    let _ = a.add(&b);
+    let _ = a.add(&c);
+    a
+}
+
+fn merge_map(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
+    for (k, v) in from {
+        *into.entry(k.clone()).or_insert(0) += v;
+    }
+}
