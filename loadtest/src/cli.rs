@@ -12,11 +12,21 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// connections, deliveries, latency, loss and the gateway's memory and CPU.
 /// Only loopback targets are allowed unless `--allow-remote` is given.
 #[derive(Debug, Parser)]
-#[command(name = "pushgate-loadtest", version, about, long_about)]
+#[command(name = "pushgate-loadtest", version, about, long_about, after_help = AFTER_HELP)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
+
+const AFTER_HELP: &str = "\
+Examples:
+  pushgate-loadtest bench idle --gateway-bin target/release/pushgate -n 15000 --json idle.json
+  pushgate-loadtest bench broadcast --gateway-bin target/release/pushgate -n 15000 --count 20 --plot b.png
+  pushgate-loadtest run device --secret S --api-key K --app demo -n 5000 --rate 2000 --duration 30
+  pushgate-loadtest bench storm --restart --gateway-bin target/release/pushgate -n 5000
+
+Exit codes: 0 clean run; 3 the run finished but saw failures, closes, loss,
+duplicates or API errors (see the summary); 1 could not run; 2 bad arguments.";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -175,7 +185,7 @@ pub struct LoadOpts {
     /// topic: number of topics; device k subscribes to `lt-topic-<k mod T>`.
     #[arg(long, default_value_t = 10)]
     pub topics: u32,
-    /// device: pushes per second (each one API message).
+    /// device: messages per second (sent in API calls of `--batch` messages).
     #[arg(long, default_value_t = 100.0)]
     pub rate: f64,
     /// device: seconds of pushing.

@@ -134,6 +134,8 @@ pub struct Connections {
     /// Open connections closed by the gateway or the network.
     pub closed: u64,
     pub closed_by: BTreeMap<String, u64>,
+    /// Closes that are failures: all of them, except in the storm scenario.
+    pub unexpected_closes: u64,
     pub reconnected: u64,
     pub reconnect_failed: u64,
     pub reconnect_failed_by: BTreeMap<String, u64>,
@@ -295,6 +297,8 @@ impl Results {
             && self.errors.is_empty()
             && self.connections.failed == 0
             && self.connections.gave_up == 0
+            && self.connections.unexpected_closes == 0
+            && self.frames.anomalies.is_empty()
             && self.deliveries.iter().all(|d| {
                 d.lost == 0
                     && d.duplicates == 0

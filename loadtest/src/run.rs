@@ -860,6 +860,11 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
         ..GatewayStats::default()
     };
     gs.before = probe.sample().await;
+    if let (Probe::Pid(pid), None) = (&probe, gs.before) {
+        eprintln!(
+            "warning: cannot read /proc/{pid} (is the gateway's pid right?): no gateway figures"
+        );
+    }
 
     let mut fleet = Fleet::spawn(&plan, t0).await?;
     let mut ok = match fleet
@@ -1151,7 +1156,8 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
             d.deliveries_per_sec = d.unique as f64 / d.window_secs;
         }
         if let (Some(a), Some(b)) = (gs.before_send, gs.after_send) {
-            if d.unique > 0 {
+            // A /metrics page without process_cpu_seconds_total reads as 0.
+            if d.unique > 0 && b.cpu_ms > 0.0 {
                 gs.cpu_ms_per_1000_deliveries =
                     Some((b.cpu_ms - a.cpu_ms) / d.unique as f64 * 1000.0);
             }
@@ -1172,14 +1178,22 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
             }
         }
     }
-    if let (Some(c), Some(a)) = (gs.connected, gs.after) {
-        gs.rss_growth_after = Some(a.rss_bytes as f64 - c.rss_bytes as f64);
-    }
-    if let (Some(b), Some(a)) = (gs.before, gs.after) {
-        if gs.pid.is_none() || !plan.restart {
-            gs.cpu_ms_total = Some(a.cpu_ms - b.cpu_ms);
+    // After a restart `after` is another process: no differences across it.
+    if !plan.restart {
+        if let (Some(c), Some(a)) = (gs.connected, gs.after) {
+            gs.rss_growth_after = Some(a.rss_bytes as f64 - c.rss_bytes as f64);
+        }
+        if let (Some(b), Some(a)) = (gs.before, gs.after) {
+            if a.cpu_ms > 0.0 {
+                gs.cpu_ms_total = Some(a.cpu_ms - b.cpu_ms);
+            }
         }
     }
+    res.connections.unexpected_closes = if plan.scenario == Scenario::Storm {
+        0
+    } else {
+        res.connections.closed
+    };
     if gs.before.is_some() || gs.after.is_some() {
         res.gateway = Some(gs);
     }

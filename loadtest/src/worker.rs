@@ -28,7 +28,10 @@ pub fn main() -> Result<()> {
         .enable_all()
         .build()
         .context("starting the worker runtime")?;
-    rt.block_on(run())
+    let r = rt.block_on(run());
+    // stdin is read on a blocking thread that may still wait for a line.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    r
 }
 
 /// Raises the soft fd limit to the hard one; returns the limit in force.

@@ -1,0 +1,385 @@
+//! The load tester's test binary.
+//!
+//! `fake_*`: the real `pushgate-loadtest` binary against a small in-test
+//! gateway written from PROTOCOL.md, so the client side is checked on its own.
+//!
+//! `pushgate_*`: the smoke run that keeps the load test from rotting: `bench`
+//! starts the real gateway (`PUSHGATE_BIN`, or `pushgate` next to this test's
+//! target directory) and runs each scenario with a few hundred connections
+//! for a few seconds, asserting no failures and no loss. Without the gateway
+//! binary these tests FAIL, on purpose.
+
+#[path = "support/fake_gateway.rs"]
+mod fake_gateway;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde_json::Value;
+
+use fake_gateway::Fake;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pushgate-loadtest");
+
+fn temp_path(name: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    std::env::temp_dir().join(format!(
+        "pushgate-loadtest-test-{}-{}-{name}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ))
+}
+
+struct Run {
+    code: i32,
+    json: Value,
+    out: String,
+    err: String,
+}
+
+/// Runs the binary with `args` plus `--json`, returns exit code and results.
+async fn run(args: &[String]) -> Run {
+    let json_path = temp_path("results.json");
+    let out: Output = tokio::process::Command::new(BIN)
+        .args(args)
+        .arg("--json")
+        .arg(&json_path)
+        .arg("--quiet")
+        .arg("--time-limit")
+        .arg("120")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("runs pushgate-loadtest");
+    let json = std::fs::read_to_string(&json_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    let _ = std::fs::remove_file(&json_path);
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        json,
+        out: String::from_utf8_lossy(&out.stdout).into_owned(),
+        err: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn fake_args(fake: &Fake, scenario: &str, n: u64, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "run".into(),
+        scenario.into(),
+        "--url".into(),
+        format!("ws://{}/v1/connect", fake.device),
+        "--api".into(),
+        format!("http://{}", fake.api),
+        "--app".into(),
+        fake_gateway::APP.into(),
+        "--secret".into(),
+        fake_gateway::SECRET.into(),
+        "--api-key".into(),
+        fake_gateway::API_KEY.into(),
+        "-n".into(),
+        n.to_string(),
+        "--hold".into(),
+        "0.3".into(),
+        "--settle".into(),
+        "0.2".into(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// The assertions every clean run must pass.
+fn assert_clean(r: &Run, n: u64) {
+    assert_eq!(
+        r.code, 0,
+        "exit code\nstdout:\n{}\nstderr:\n{}",
+        r.out, r.err
+    );
+    let c = &r.json["connections"];
+    assert_eq!(u(&c["established"]), n, "{}", r.out);
+    assert_eq!(u(&c["failed"]), 0, "{}", r.out);
+    assert!(
+        r.json["errors"].as_array().is_some_and(|e| e.is_empty()),
+        "{}",
+        r.out
+    );
+    assert!(r.json["interrupted"].is_null(), "{}", r.out);
+    for d in r.json["deliveries"].as_array().expect("deliveries") {
+        assert_eq!(u(&d["lost"]), 0, "lost: {}", r.out);
+        assert_eq!(u(&d["duplicates"]), 0, "duplicates: {}", r.out);
+        assert_eq!(u(&d["out_of_order"]), 0, "order: {}", r.out);
+        assert!(
+            d["api_errors"].as_object().is_some_and(|m| m.is_empty()),
+            "{}",
+            r.out
+        );
+        assert_eq!(u(&d["unique"]), u(&d["expected"]), "{}", r.out);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_broadcast_over_two_workers_with_plot() {
+    let fake = Fake::start().await;
+    let plot = temp_path("plot.png");
+    let plot_s = plot.display().to_string();
+    let r = run(&fake_args(
+        &fake,
+        "broadcast",
+        300,
+        &["--workers", "2", "--count", "5", "--plot", &plot_s],
+    ))
+    .await;
+    assert_clean(&r, 300);
+    let d = &r.json["deliveries"][0];
+    assert_eq!(d["kind"], "broadcast");
+    assert_eq!(u(&d["expected"]), 1500);
+    assert_eq!(u(&d["gateway_online"]), 1500);
+    assert!(d["latency_ms"]["p99"].as_f64().is_some(), "{}", r.out);
+    assert_eq!(r.json["setup"]["workers"], 2);
+    assert_eq!(r.json["setup"]["per_worker"], serde_json::json!([150, 150]));
+    assert_eq!(r.json["gateway"]["source"], "metrics");
+    assert!(r.out.contains("result: CLEAN"), "{}", r.out);
+    let png = std::fs::read(&plot).expect("plot written");
+    assert_eq!(&png[1..4], b"PNG");
+    let _ = std::fs::remove_file(&plot);
+    assert_eq!(
+        r.json["client"]["workers"].as_array().map(Vec::len),
+        Some(2)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_idle_from_one_source_address() {
+    let fake = Fake::start().await;
+    let r = run(&fake_args(&fake, "idle", 200, &["--source", "127.0.0.7"])).await;
+    assert_clean(&r, 200);
+    assert_eq!(r.json["setup"]["source_addresses"], 1);
+    assert!(u(&r.json["connections"]["peak_up"]) == 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_topic_with_query_tokens() {
+    let fake = Fake::start().await;
+    let r = run(&fake_args(
+        &fake,
+        "topic",
+        200,
+        &["--topics", "4", "--count", "8", "--token-in", "query"],
+    ))
+    .await;
+    assert_clean(&r, 200);
+    // 8 messages over 4 topics of 50 devices each.
+    assert_eq!(u(&r.json["deliveries"][0]["expected"]), 400, "{}", r.out);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_device_pushes_single_and_batched() {
+    let fake = Fake::start().await;
+    let r = run(&fake_args(
+        &fake,
+        "device",
+        200,
+        &["--rate", "300", "--duration", "1"],
+    ))
+    .await;
+    assert_clean(&r, 200);
+    let d = &r.json["deliveries"][0];
+    assert_eq!(u(&d["accepted"]), 300, "{}", r.out);
+    assert_eq!(u(&r.json["frames"]["acks"]), 300, "{}", r.out);
+
+    let r = run(&fake_args(
+        &fake,
+        "device",
+        200,
+        &[
+            "--rate",
+            "500",
+            "--duration",
+            "1",
+            "--batch",
+            "50",
+            "--seed",
+            "7",
+        ],
+    ))
+    .await;
+    assert_clean(&r, 200);
+    assert_eq!(u(&r.json["deliveries"][0]["accepted"]), 500, "{}", r.out);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_storm_rounds_all_come_back() {
+    let fake = Fake::start().await;
+    let r = run(&fake_args(
+        &fake,
+        "storm",
+        200,
+        &["--rounds", "2", "--storm-timeout", "20"],
+    ))
+    .await;
+    assert_clean(&r, 200);
+    let rounds = r.json["storm"].as_array().expect("storm rounds");
+    assert_eq!(rounds.len(), 2);
+    for round in rounds {
+        assert_eq!(round["recovered"], true, "{}", r.out);
+        assert_eq!(u(&round["back"]), 200, "{}", r.out);
+    }
+    assert!(u(&r.json["connections"]["reconnected"]) >= 400, "{}", r.out);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_refusals_are_counted_by_reason() {
+    let fake = Fake::start().await;
+    let mut args = fake_args(&fake, "idle", 50, &[]);
+    let i = args
+        .iter()
+        .position(|a| a == "--secret")
+        .expect("has --secret");
+    args[i + 1] = "wrong-secret".into();
+    let r = run(&args).await;
+    assert_eq!(r.code, 3, "problems give exit 3\n{}\n{}", r.out, r.err);
+    assert_eq!(u(&r.json["connections"]["failed"]), 50);
+    assert_eq!(
+        u(&r.json["connections"]["failed_by"]["http_401_unauthorized"]),
+        50,
+        "{}",
+        r.out
+    );
+    assert!(r.out.contains("PROBLEMS"), "{}", r.out);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_overload_is_retried_when_asked() {
+    let fake = Fake::start().await;
+    fake.refuse_next(20);
+    let r = run(&fake_args(&fake, "idle", 100, &["--retries", "3"])).await;
+    assert_clean(&r, 100);
+    assert_eq!(
+        u(&r.json["connections"]["failed_by"]["http_503_overloaded"]),
+        20,
+        "{}",
+        r.out
+    );
+    assert_eq!(fake.connected(), 0, "connections closed at the end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_targets_are_refused() {
+    let r = run(&[
+        "run".into(),
+        "idle".into(),
+        "--url".into(),
+        "ws://10.1.2.3:8080/v1/connect".into(),
+        "--secret".into(),
+        "s".into(),
+    ])
+    .await;
+    assert_eq!(r.code, 1);
+    assert!(r.err.contains("--allow-remote"), "{}", r.err);
+}
+
+// --- against the real gateway -------------------------------------------
+
+/// The pushgate binary: `PUSHGATE_BIN`, or `pushgate` in this test's own
+/// target directory (target/debug/deps/smoke-… → target/debug/pushgate), or
+/// the workspace's target/debug/pushgate. Missing is a failure.
+fn gateway_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("PUSHGATE_BIN") {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "PUSHGATE_BIN={} does not exist", p.display());
+        return p;
+    }
+    let mut tried = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent().and_then(Path::parent) {
+            tried.push(dir.join("pushgate"));
+        }
+    }
+    tried.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/pushgate"));
+    if let Some(found) = tried.iter().find(|p| p.is_file()) {
+        return found.clone();
+    }
+    panic!(
+        "the loadtest smoke test needs the pushgate gateway binary and found none.\n\
+         Build it first (`cargo build --bin pushgate`, or `cargo test --workspace`), or set \
+         PUSHGATE_BIN=/path/to/pushgate. Looked at: {}",
+        tried
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
+
+async fn bench(scenario: &str, n: u64, extra: &[&str]) -> Run {
+    let bin = gateway_bin();
+    let mut a: Vec<String> = vec![
+        "bench".into(),
+        scenario.into(),
+        "--gateway-bin".into(),
+        bin.display().to_string(),
+        "--drain-secs".into(),
+        "1".into(),
+        "-n".into(),
+        n.to_string(),
+        "--hold".into(),
+        "1".into(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    run(&a).await
+}
+
+fn assert_gateway_measured(r: &Run) {
+    let g = &r.json["gateway"];
+    assert_eq!(g["source"], "proc", "{}", r.out);
+    assert!(g["bytes_per_conn"].as_f64().is_some(), "{}", r.out);
+    assert_eq!(
+        r.json["setup"]["bench"]["exit_code"], 0,
+        "gateway exit after SIGTERM\n{}",
+        r.out
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushgate_idle() {
+    let r = bench("idle", 300, &[]).await;
+    assert_clean(&r, 300);
+    assert_gateway_measured(&r);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushgate_broadcast() {
+    let r = bench("broadcast", 300, &["--count", "5"]).await;
+    assert_clean(&r, 300);
+    assert_eq!(u(&r.json["deliveries"][0]["unique"]), 1500, "{}", r.out);
+    assert_gateway_measured(&r);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushgate_device() {
+    let r = bench("device", 300, &["--rate", "200", "--duration", "2"]).await;
+    assert_clean(&r, 300);
+    assert_eq!(u(&r.json["deliveries"][0]["accepted"]), 400, "{}", r.out);
+    assert_gateway_measured(&r);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushgate_topic() {
+    let r = bench("topic", 200, &["--topics", "4", "--count", "8"]).await;
+    assert_clean(&r, 200);
+    assert_gateway_measured(&r);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushgate_storm() {
+    let r = bench("storm", 200, &["--storm-timeout", "30"]).await;
+    assert_clean(&r, 200);
+    assert_eq!(r.json["storm"][0]["recovered"], true, "{}", r.out);
+    assert_gateway_measured(&r);
+}
