@@ -10,6 +10,8 @@ use bytes::Bytes;
 
 pub mod memory;
 pub mod redb;
+#[cfg(test)]
+mod tests;
 
 /// A message to store for one or more devices of one app.
 #[derive(Debug, Clone)]

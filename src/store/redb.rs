@@ -1,0 +1,1397 @@
+//! Durable [`Store`] on redb: one database file in the data directory and one
+//! writer thread that group-commits, so that many concurrent appends share
+//! one fsync. Reads run inline in their own read transactions (MVCC: they
+//! never wait for the writer).
+//!
+//! Tables (keys are redb tuples, compared element by element, so each
+//! device's rows are one contiguous range in seq order):
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `meta` | name | u64 (`schema`: the layout version, 1) |
+//! | `devices` | (app, device) | (next_seq, dropped, stored, sessions, first_seen_ms, last_seen_ms) |
+//! | `pending` | (app, device, seq) | (id, data, created_ms, expires_ms, collapse_key) |
+//! | `expiry` | (expires_ms, app, device, seq) | () |
+//! | `collapse` | (app, device, collapse_key) | seq |
+//!
+//! A `devices` row is never deleted, so seqs are never reused; `stored`
+//! counts the device's `pending` rows so the pending limit needs no count.
+//!
+//! Group commit: every write goes to the writer thread over a channel with a
+//! oneshot for the answer. The writer takes the first queued request, then
+//! whatever else is queued (waiting up to `commit_max_wait_us` for more while
+//! the batch holds a request that must be durable), up to
+//! `commit_max_batch`, applies them in order in one write transaction and
+//! commits once; only then does anyone get an answer. If anything fails the
+//! transaction is aborted and everyone in the batch gets
+//! [`StoreError::Unavailable`]. Appends, purges and flushes need a durable
+//! commit (fsync); a batch of only acks, sessions, `take_dropped` and
+//! `expire` commits without fsync (redb `Durability::None`: visible at once,
+//! made durable by the next durable commit, which the writer forces within
+//! half a second when idle, and by closing the store).
+//!
+//! After a failed write redb refuses every write until the file is reopened;
+//! the writer reopens it before the next batch (at most once a second), so a
+//! passing fault such as a full disk heals without restarting the gateway.
+//! Until then every write answers [`StoreError::Unavailable`].
+//!
+//! Rules the trait leaves open are decided as in `memory` (see its module doc).
+
+use std::collections::HashMap;
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redb::{
+    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    StorageError, Table, TableDefinition, WriteTransaction,
+};
+use tokio::sync::oneshot;
+
+use super::{
+    AppendOutcome, DeviceRecord, ExpireOutcome, NewMessage, Store, StoreError, StoredMessage,
+};
+
+/// Name of the database file inside the store directory.
+pub const DB_FILE: &str = "pushgate.redb";
+
+/// Least time between two attempts to reopen the file after a failed write.
+const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Version of the table layout; a file with another one is refused as corrupt.
+const SCHEMA: u64 = 1;
+
+/// How long non-durable commits (acks, sessions) may wait for an fsync when
+/// the writer has nothing else to do.
+const IDLE_SYNC: Duration = Duration::from_millis(500);
+
+type DeviceKey = (&'static str, &'static str);
+/// (next_seq, dropped, stored, sessions, first_seen_ms, last_seen_ms)
+type DeviceValue = (u64, u64, u64, u64, u64, u64);
+type PendingKey = (&'static str, &'static str, u64);
+/// (id, data, created_ms, expires_ms, collapse_key)
+type PendingValue = (&'static str, &'static [u8], u64, u64, Option<&'static str>);
+type ExpiryKey = (u64, &'static str, &'static str, u64);
+type CollapseKey = (&'static str, &'static str, &'static str);
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const DEVICES: TableDefinition<DeviceKey, DeviceValue> = TableDefinition::new("devices");
+const PENDING: TableDefinition<PendingKey, PendingValue> = TableDefinition::new("pending");
+const EXPIRY: TableDefinition<ExpiryKey, ()> = TableDefinition::new("expiry");
+const COLLAPSE: TableDefinition<CollapseKey, u64> = TableDefinition::new("collapse");
+
+/// The durable store. Dropping it stops the writer thread (after the batch
+/// in progress) and closes the file.
+pub struct RedbStore {
+    requests: Option<mpsc::Sender<Request>>,
+    writer: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+/// What the writer keeps and everyone reads.
+struct Shared {
+    /// The open database, for readers. `None` only while the writer reopens
+    /// it after a failed write.
+    db: RwLock<Option<Arc<Database>>>,
+    /// `pending` rows, expired ones not yet removed included.
+    pending_total: AtomicU64,
+    /// Write transactions committed since open.
+    commits: AtomicU64,
+}
+
+struct Request {
+    op: Op,
+    reply: oneshot::Sender<Result<Answer, StoreError>>,
+}
+
+enum Op {
+    Append {
+        app: Box<str>,
+        devices: Vec<Box<str>>,
+        msg: NewMessage,
+        max_pending: u64,
+    },
+    Ack {
+        app: Box<str>,
+        device: Box<str>,
+        seq: u64,
+    },
+    Purge {
+        app: Box<str>,
+        device: Box<str>,
+    },
+    TakeDropped {
+        app: Box<str>,
+        device: Box<str>,
+    },
+    RecordSession {
+        app: Box<str>,
+        device: Box<str>,
+        now_ms: u64,
+    },
+    Expire {
+        now_ms: u64,
+    },
+    Flush,
+}
+
+impl Op {
+    /// Whether the caller may only hear back once the batch is fsynced.
+    fn needs_durable(&self) -> bool {
+        matches!(self, Op::Append { .. } | Op::Purge { .. } | Op::Flush)
+    }
+}
+
+enum Answer {
+    Appended(Vec<AppendOutcome>),
+    Count(u64),
+    Done,
+}
+
+impl RedbStore {
+    /// Opens (creating if needed) the store in directory `path`. Fails with
+    /// [`StoreError::Locked`] at once if another process (or another
+    /// `RedbStore` in this one) has it open.
+    pub fn open(
+        path: &Path,
+        commit_max_batch: usize,
+        commit_max_wait_us: u64,
+    ) -> Result<RedbStore, StoreError> {
+        std::fs::create_dir_all(path).map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot create store directory {}: {e}",
+                path.display()
+            ))
+        })?;
+        let file = path.join(DB_FILE);
+        let label = file.display().to_string();
+        let reopen = move || {
+            Database::builder()
+                .create(&file)
+                .map_err(|e| open_error(&file, e))
+        };
+        let db = reopen()?;
+        Self::start(
+            db,
+            label,
+            Box::new(reopen),
+            REOPEN_INTERVAL,
+            commit_max_batch,
+            commit_max_wait_us,
+        )
+    }
+
+    /// Checks or creates the tables, recovers the counters and starts the writer.
+    fn start(
+        db: Database,
+        label: String,
+        reopen: Reopen,
+        reopen_interval: Duration,
+        commit_max_batch: usize,
+        commit_max_wait_us: u64,
+    ) -> Result<RedbStore, StoreError> {
+        let pending_total = init_tables(&db, &label)?;
+        let db = Arc::new(db);
+        let shared = Arc::new(Shared {
+            db: RwLock::new(Some(db.clone())),
+            pending_total: AtomicU64::new(pending_total),
+            commits: AtomicU64::new(0),
+        });
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            db: Some(db),
+            label,
+            reopen,
+            reopen_interval,
+            broken: None,
+            last_reopen: None,
+            rx,
+            shared: shared.clone(),
+            max_batch: commit_max_batch.max(1),
+            max_wait: Duration::from_micros(commit_max_wait_us),
+            expired_unreported: 0,
+            unsynced: false,
+        };
+        let handle = std::thread::Builder::new()
+            .name("pushgate-store".into())
+            .spawn(move || writer.run())
+            .map_err(|e| StoreError::Unavailable(format!("cannot start store writer: {e}")))?;
+        Ok(RedbStore {
+            requests: Some(tx),
+            writer: Some(handle),
+            shared,
+        })
+    }
+
+    /// The database for a read.
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        self.shared
+            .db
+            .read()
+            .expect("store db slot poisoned: the writer panicked while swapping it")
+            .clone()
+            .ok_or_else(|| {
+                StoreError::Unavailable("store is reopening after a write failure".into())
+            })
+    }
+
+    /// Write transactions committed since open: with group commit, far fewer
+    /// than the writes asked for under load.
+    pub fn commits(&self) -> u64 {
+        self.shared.commits.load(Ordering::Relaxed)
+    }
+
+    /// Hands `op` to the writer and waits for the commit that carries it.
+    async fn call(&self, op: Op) -> Result<Answer, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let sent = match &self.requests {
+            Some(requests) => requests.send(Request { op, reply }).is_ok(),
+            None => false,
+        };
+        if !sent {
+            return Err(writer_gone());
+        }
+        answer.await.map_err(|_| writer_gone())?
+    }
+
+    async fn count(&self, op: Op) -> Result<u64, StoreError> {
+        match self.call(op).await? {
+            Answer::Count(n) => Ok(n),
+            _ => Err(mismatch()),
+        }
+    }
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer after its current batch; wait
+        // for it so that the file lock is released when this returns.
+        self.requests.take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+fn writer_gone() -> StoreError {
+    StoreError::Unavailable("store writer stopped".into())
+}
+
+fn mismatch() -> StoreError {
+    StoreError::Unavailable("store writer answered the wrong kind (bug)".into())
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// Maps redb's open errors to the three the gateway tells apart at startup.
+fn open_error(file: &Path, e: DatabaseError) -> StoreError {
+    let at = file.display();
+    match e {
+        DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
+            StoreError::Locked(format!(
+                "{at} is held by another process (or already open in this one)"
+            ))
+        }
+        DatabaseError::UpgradeRequired(v) => {
+            StoreError::Corrupt(format!("{at}: file format {v} needs a manual upgrade"))
+        }
+        DatabaseError::Storage(StorageError::Corrupted(why)) => {
+            StoreError::Corrupt(format!("{at}: {why}"))
+        }
+        DatabaseError::Storage(StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            StoreError::Corrupt(format!("{at}: {io}"))
+        }
+        other => StoreError::Unavailable(format!("{at}: {other}")),
+    }
+}
+
+/// Creates the tables of a new file or checks those of an old one; returns
+/// the number of stored messages.
+fn init_tables(db: &Database, label: &str) -> Result<u64, StoreError> {
+    let txn = db.begin_write().map_err(|e| init_error(label, e.into()))?;
+    let stored = (|| -> Result<Result<u64, u64>, redb::Error> {
+        {
+            let mut meta = txn.open_table(META)?;
+            let found = meta.get("schema")?.map(|v| v.value());
+            match found {
+                None => {
+                    meta.insert("schema", SCHEMA)?;
+                }
+                Some(SCHEMA) => {}
+                Some(other) => return Ok(Err(other)),
+            }
+            txn.open_table(DEVICES)?;
+            txn.open_table(EXPIRY)?;
+            txn.open_table(COLLAPSE)?;
+        }
+        let stored = txn.open_table(PENDING)?.len()?;
+        Ok(Ok(stored))
+    })()
+    .map_err(|e| init_error(label, e))?;
+    let stored = stored.map_err(|found| {
+        StoreError::Corrupt(format!(
+            "{label}: table layout version {found}, this build reads {SCHEMA}"
+        ))
+    })?;
+    txn.commit().map_err(|e| init_error(label, e.into()))?;
+    Ok(stored)
+}
+
+fn init_error(label: &str, e: redb::Error) -> StoreError {
+    match e {
+        redb::Error::Io(_)
+        | redb::Error::Backend(_)
+        | redb::Error::PreviousIo
+        | redb::Error::DatabaseClosed => StoreError::Unavailable(format!("{label}: {e}")),
+        // Tables of the wrong shape, corrupt pages: not a file we can use.
+        e => StoreError::Corrupt(format!("{label}: {e}")),
+    }
+}
+
+/// One device's `devices` row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DeviceRow {
+    next_seq: u64,
+    dropped: u64,
+    stored: u64,
+    sessions: u64,
+    first_seen_ms: u64,
+    last_seen_ms: u64,
+}
+
+impl DeviceRow {
+    const NEW: DeviceRow = DeviceRow {
+        next_seq: 1,
+        dropped: 0,
+        stored: 0,
+        sessions: 0,
+        first_seen_ms: 0,
+        last_seen_ms: 0,
+    };
+
+    fn from_value(v: DeviceValue) -> Self {
+        DeviceRow {
+            next_seq: v.0,
+            dropped: v.1,
+            stored: v.2,
+            sessions: v.3,
+            first_seen_ms: v.4,
+            last_seen_ms: v.5,
+        }
+    }
+
+    fn value(&self) -> DeviceValue {
+        (
+            self.next_seq,
+            self.dropped,
+            self.stored,
+            self.sessions,
+            self.first_seen_ms,
+            self.last_seen_ms,
+        )
+    }
+}
+
+/// Opens the database file again (after a failed write).
+type Reopen = Box<dyn Fn() -> Result<Database, StoreError> + Send>;
+
+/// The writer thread: owns the write side of the database.
+struct Writer {
+    /// `None` after a failed reopen.
+    db: Option<Arc<Database>>,
+    /// Names the file in errors.
+    label: String,
+    reopen: Reopen,
+    /// Least time between two reopen attempts (a reopen after an unclean
+    /// close repairs the whole file: not something to do per batch).
+    reopen_interval: Duration,
+    /// Why the last write failed, until a reopen succeeds: redb refuses
+    /// every write after a failed commit until the file is reopened.
+    broken: Option<String>,
+    last_reopen: Option<Instant>,
+    rx: mpsc::Receiver<Request>,
+    shared: Arc<Shared>,
+    max_batch: usize,
+    max_wait: Duration,
+    /// Expired messages removed by appends (pending limit), reported by the
+    /// next `expire`. Not persisted: it only feeds a metric.
+    expired_unreported: u64,
+    /// Whether a commit without fsync happened since the last durable one.
+    unsynced: bool,
+}
+
+/// What a committed batch changed in the shared counters.
+#[derive(Default)]
+struct Effects {
+    pending: i64,
+    expired_unreported: u64,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut batch = Vec::with_capacity(self.max_batch.min(1024));
+        loop {
+            let first = if self.unsynced {
+                match self.rx.recv_timeout(IDLE_SYNC) {
+                    Ok(request) => request,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        // Idle: make the acks and sessions so far durable.
+                        self.process(&mut Vec::new(), true);
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match self.rx.recv() {
+                    Ok(request) => request,
+                    Err(_) => break,
+                }
+            };
+            batch.push(first);
+            self.fill(&mut batch);
+            let durable = batch.iter().any(|r| r.op.needs_durable());
+            self.process(&mut batch, durable);
+        }
+        // Dropping the database makes any non-durable commits durable.
+    }
+
+    /// Adds queued requests to `batch`, waiting up to `max_wait` for more
+    /// while the batch has something to fsync.
+    fn fill(&self, batch: &mut Vec<Request>) {
+        let deadline = Instant::now() + self.max_wait;
+        while batch.len() < self.max_batch {
+            match self.rx.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(mpsc::TryRecvError::Disconnected) => break,
+                Err(mpsc::TryRecvError::Empty) => {
+                    if self.max_wait.is_zero() || !batch.iter().any(|r| r.op.needs_durable()) {
+                        break;
+                    }
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    match self.rx.recv_timeout(deadline - now) {
+                        Ok(request) => batch.push(request),
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies and commits `batch`, then answers everyone in it.
+    fn process(&mut self, batch: &mut Vec<Request>, durable: bool) {
+        if let Err(why) = self.ensure_open() {
+            for request in batch.drain(..) {
+                let _ = request
+                    .reply
+                    .send(Err(StoreError::Unavailable(why.clone())));
+            }
+            return;
+        }
+        match self.commit_batch(batch, durable) {
+            Ok((answers, effects)) => {
+                // A durable commit also makes every earlier one durable.
+                self.unsynced = !durable;
+                if effects.pending >= 0 {
+                    self.shared
+                        .pending_total
+                        .fetch_add(effects.pending.unsigned_abs(), Ordering::Relaxed);
+                } else {
+                    self.shared
+                        .pending_total
+                        .fetch_sub(effects.pending.unsigned_abs(), Ordering::Relaxed);
+                }
+                self.expired_unreported = effects.expired_unreported;
+                for (request, answer) in batch.drain(..).zip(answers) {
+                    let _ = request.reply.send(Ok(answer));
+                }
+            }
+            Err(e) => {
+                let why = format!(
+                    "{}: write failed, nothing of this batch was stored: {e}",
+                    self.label
+                );
+                self.broken = Some(why.clone());
+                for request in batch.drain(..) {
+                    let _ = request
+                        .reply
+                        .send(Err(StoreError::Unavailable(why.clone())));
+                }
+            }
+        }
+    }
+
+    /// After a failed write, reopens the file (at most once per
+    /// `reopen_interval`) so that a passing fault (disk full) heals without
+    /// restarting the gateway.
+    fn ensure_open(&mut self) -> Result<(), String> {
+        let Some(why) = self.broken.clone() else {
+            return Ok(());
+        };
+        if let Some(last) = self.last_reopen {
+            if last.elapsed() < self.reopen_interval {
+                return Err(why);
+            }
+        }
+        self.last_reopen = Some(Instant::now());
+        match self.reopen_db() {
+            Ok(()) => {
+                self.broken = None;
+                Ok(())
+            }
+            Err(e) => {
+                let why = format!("{why}; reopening failed: {e}");
+                self.broken = Some(why.clone());
+                Err(why)
+            }
+        }
+    }
+
+    fn reopen_db(&mut self) -> Result<(), StoreError> {
+        // The old handle holds the file lock: every copy of it must be gone
+        // first. Readers hold theirs for one read at most.
+        let slot = &self.shared.db;
+        slot.write()
+            .expect("store db slot poisoned: the writer panicked while swapping it")
+            .take();
+        if let Some(old) = self.db.take() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let db = (self.reopen)()?;
+        let stored = init_tables(&db, &self.label)?;
+        // The failed commit may or may not have landed: count again.
+        self.shared.pending_total.store(stored, Ordering::Relaxed);
+        let db = Arc::new(db);
+        *slot
+            .write()
+            .expect("store db slot poisoned: the writer panicked while swapping it") =
+            Some(db.clone());
+        self.db = Some(db);
+        Ok(())
+    }
+
+    /// One write transaction for the whole batch: all of it commits or none.
+    fn commit_batch(
+        &self,
+        batch: &[Request],
+        durable: bool,
+    ) -> Result<(Vec<Answer>, Effects), redb::Error> {
+        let db = self.db.as_ref().ok_or(redb::Error::DatabaseClosed)?;
+        let mut txn = db.begin_write()?;
+        txn.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })?;
+        let mut effects = Effects {
+            pending: 0,
+            expired_unreported: self.expired_unreported,
+        };
+        let applied = apply_all(&txn, batch, &mut effects);
+        match applied {
+            Ok(answers) => {
+                txn.commit()?;
+                self.shared.commits.fetch_add(1, Ordering::Relaxed);
+                Ok((answers, effects))
+            }
+            Err(e) => {
+                // Nothing of the batch may become visible.
+                let _ = txn.abort();
+                Err(e)
+            }
+        }
+    }
+}
+
+fn apply_all(
+    txn: &WriteTransaction,
+    batch: &[Request],
+    fx: &mut Effects,
+) -> Result<Vec<Answer>, redb::Error> {
+    let mut t = Tables::open(txn)?;
+    batch.iter().map(|r| t.apply(&r.op, fx)).collect()
+}
+
+/// The tables of one write transaction.
+struct Tables<'t> {
+    devices: Table<'t, DeviceKey, DeviceValue>,
+    pending: Table<'t, PendingKey, PendingValue>,
+    expiry: Table<'t, ExpiryKey, ()>,
+    collapse: Table<'t, CollapseKey, u64>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, redb::Error> {
+        Ok(Tables {
+            devices: txn.open_table(DEVICES)?,
+            pending: txn.open_table(PENDING)?,
+            expiry: txn.open_table(EXPIRY)?,
+            collapse: txn.open_table(COLLAPSE)?,
+        })
+    }
+
+    fn apply(&mut self, op: &Op, fx: &mut Effects) -> Result<Answer, redb::Error> {
+        Ok(match op {
+            Op::Append {
+                app,
+                devices,
+                msg,
+                max_pending,
+            } => {
+                let mut out = Vec::with_capacity(devices.len());
+                for device in devices {
+                    out.push(self.append(app, device, msg, *max_pending, fx)?);
+                }
+                Answer::Appended(out)
+            }
+            Op::Ack { app, device, seq } => Answer::Count(self.remove_upto(app, device, *seq, fx)?),
+            Op::Purge { app, device } => {
+                Answer::Count(self.remove_upto(app, device, u64::MAX, fx)?)
+            }
+            Op::TakeDropped { app, device } => {
+                let mut taken = 0;
+                if let Some(mut row) = self.row(app, device)? {
+                    if row.dropped > 0 {
+                        taken = std::mem::take(&mut row.dropped);
+                        self.put_row(app, device, &row)?;
+                    }
+                }
+                Answer::Count(taken)
+            }
+            Op::RecordSession {
+                app,
+                device,
+                now_ms,
+            } => {
+                let mut row = self.row(app, device)?.unwrap_or(DeviceRow::NEW);
+                if row.sessions == 0 {
+                    row.first_seen_ms = *now_ms;
+                }
+                row.sessions += 1;
+                row.last_seen_ms = *now_ms;
+                self.put_row(app, device, &row)?;
+                Answer::Done
+            }
+            Op::Expire { now_ms } => {
+                let removed = self.expire(*now_ms, fx)?;
+                let expired = removed + std::mem::take(&mut fx.expired_unreported);
+                Answer::Count(expired)
+            }
+            Op::Flush => Answer::Done,
+        })
+    }
+
+    fn row(&self, app: &str, device: &str) -> Result<Option<DeviceRow>, redb::Error> {
+        Ok(self
+            .devices
+            .get((app, device))?
+            .map(|v| DeviceRow::from_value(v.value())))
+    }
+
+    fn put_row(&mut self, app: &str, device: &str, row: &DeviceRow) -> Result<(), redb::Error> {
+        self.devices.insert((app, device), row.value())?;
+        Ok(())
+    }
+
+    /// Stores one message for one device; the order of the rules is the
+    /// module doc's of `memory`.
+    fn append(
+        &mut self,
+        app: &str,
+        device: &str,
+        msg: &NewMessage,
+        max_pending: u64,
+        fx: &mut Effects,
+    ) -> Result<AppendOutcome, redb::Error> {
+        let now_ms = msg.created_ms;
+        let max_pending = max_pending.max(1);
+        let mut row = self.row(app, device)?.unwrap_or(DeviceRow::NEW);
+        let seq = row.next_seq;
+        row.next_seq += 1;
+
+        let mut collapsed = 0;
+        if let Some(key) = msg.collapse_key.as_deref() {
+            let old = self.collapse.get((app, device, key))?.map(|v| v.value());
+            if let Some(old) = old {
+                if self.remove_one(app, device, old)? {
+                    collapsed = 1;
+                    row.stored -= 1;
+                    fx.pending -= 1;
+                }
+            }
+            self.collapse.insert((app, device, key), seq)?;
+        }
+        self.pending.insert(
+            (app, device, seq),
+            (
+                &*msg.id,
+                &msg.data[..],
+                msg.created_ms,
+                msg.expires_ms,
+                msg.collapse_key.as_deref(),
+            ),
+        )?;
+        self.expiry.insert((msg.expires_ms, app, device, seq), ())?;
+        row.stored += 1;
+        fx.pending += 1;
+
+        let mut dropped = 0;
+        if row.stored > max_pending {
+            // Expired messages go first, and are not "dropped".
+            let expired = self.seqs(app, device, u64::MAX, |expires_ms| expires_ms < now_ms)?;
+            for old in &expired {
+                self.remove_one(app, device, *old)?;
+            }
+            let n = expired.len() as u64;
+            row.stored -= n;
+            fx.pending -= n as i64;
+            fx.expired_unreported += n;
+
+            if row.stored > max_pending {
+                let excess = row.stored - max_pending;
+                let mut oldest = Vec::with_capacity(excess as usize);
+                for entry in self
+                    .pending
+                    .range((app, device, 0)..=(app, device, u64::MAX))?
+                {
+                    if oldest.len() as u64 == excess {
+                        break;
+                    }
+                    oldest.push(entry?.0.value().2);
+                }
+                for old in &oldest {
+                    self.remove_one(app, device, *old)?;
+                }
+                dropped = excess;
+                row.stored -= excess;
+                fx.pending -= excess as i64;
+                row.dropped += excess;
+            }
+        }
+        self.put_row(app, device, &row)?;
+        Ok(AppendOutcome {
+            seq,
+            dropped,
+            collapsed,
+        })
+    }
+
+    /// Seqs of the device's rows up to `upto` whose deadline `pick` accepts.
+    fn seqs(
+        &self,
+        app: &str,
+        device: &str,
+        upto: u64,
+        mut pick: impl FnMut(u64) -> bool,
+    ) -> Result<Vec<u64>, redb::Error> {
+        let mut seqs = Vec::new();
+        for entry in self.pending.range((app, device, 0)..=(app, device, upto))? {
+            let (key, value) = entry?;
+            if pick(value.value().3) {
+                seqs.push(key.value().2);
+            }
+        }
+        Ok(seqs)
+    }
+
+    /// Removes one `pending` row with its `expiry` and `collapse` entries
+    /// (the caller fixes the device row); returns whether it was there.
+    fn remove_one(&mut self, app: &str, device: &str, seq: u64) -> Result<bool, redb::Error> {
+        let (expires_ms, key) = match self.pending.remove((app, device, seq))? {
+            Some(v) => {
+                let (_, _, _, expires_ms, key) = v.value();
+                (expires_ms, key.map(str::to_owned))
+            }
+            None => return Ok(false),
+        };
+        self.expiry.remove((expires_ms, app, device, seq))?;
+        if let Some(key) = key {
+            let current = self
+                .collapse
+                .get((app, device, key.as_str()))?
+                .map(|v| v.value());
+            if current == Some(seq) {
+                self.collapse.remove((app, device, key.as_str()))?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Removes every message of the device with seq ≤ `upto`; returns how many.
+    fn remove_upto(
+        &mut self,
+        app: &str,
+        device: &str,
+        upto: u64,
+        fx: &mut Effects,
+    ) -> Result<u64, redb::Error> {
+        let Some(mut row) = self.row(app, device)? else {
+            return Ok(0);
+        };
+        if row.stored == 0 {
+            return Ok(0);
+        }
+        let seqs = self.seqs(app, device, upto, |_| true)?;
+        for seq in &seqs {
+            self.remove_one(app, device, *seq)?;
+        }
+        let n = seqs.len() as u64;
+        if n > 0 {
+            row.stored -= n;
+            fx.pending -= n as i64;
+            self.put_row(app, device, &row)?;
+        }
+        Ok(n)
+    }
+
+    /// Removes every message with `expires_ms < now_ms`, found through the
+    /// deadline index; returns how many.
+    fn expire(&mut self, now_ms: u64, fx: &mut Effects) -> Result<u64, redb::Error> {
+        // Everything below this key has expires_ms < now_ms (seqs start at 1).
+        let bound: ExpiryKey = (now_ms, "", "", 0);
+        let mut due = Vec::new();
+        for entry in self.expiry.range(..bound)? {
+            let (key, _) = entry?;
+            let (_, app, device, seq) = key.value();
+            due.push((app.to_owned(), device.to_owned(), seq));
+        }
+        let mut per_device: HashMap<(String, String), u64> = HashMap::new();
+        for (app, device, seq) in due {
+            if self.remove_one(&app, &device, seq)? {
+                *per_device.entry((app, device)).or_default() += 1;
+            }
+        }
+        let mut removed = 0;
+        for ((app, device), n) in per_device {
+            if let Some(mut row) = self.row(&app, &device)? {
+                row.stored = row.stored.saturating_sub(n);
+                self.put_row(&app, &device, &row)?;
+            }
+            removed += n;
+        }
+        fx.pending -= removed as i64;
+        Ok(removed)
+    }
+}
+
+/// Copies one `pending` row out of the database.
+fn stored_message(seq: u64, v: (&str, &[u8], u64, u64, Option<&str>)) -> StoredMessage {
+    let (id, data, created_ms, expires_ms, _) = v;
+    StoredMessage {
+        seq,
+        id: Arc::from(id),
+        data: Bytes::copy_from_slice(data),
+        created_ms,
+        expires_ms,
+    }
+}
+
+#[async_trait]
+impl Store for RedbStore {
+    async fn append(
+        &self,
+        app: &str,
+        devices: &[&str],
+        msg: &NewMessage,
+        max_pending: u64,
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
+        if devices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let op = Op::Append {
+            app: app.into(),
+            devices: devices.iter().map(|d| Box::from(*d)).collect(),
+            msg: msg.clone(),
+            max_pending,
+        };
+        match self.call(op).await? {
+            Answer::Appended(outcomes) => Ok(outcomes),
+            _ => Err(mismatch()),
+        }
+    }
+
+    async fn pending(
+        &self,
+        app: &str,
+        device: &str,
+        after_seq: u64,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        let txn = self.db()?.begin_read().map_err(unavailable)?;
+        let table = txn.open_table(PENDING).map_err(unavailable)?;
+        let range = (
+            Bound::Excluded((app, device, after_seq)),
+            Bound::Included((app, device, u64::MAX)),
+        );
+        for entry in table.range(range).map_err(unavailable)? {
+            let (key, value) = entry.map_err(unavailable)?;
+            let value = value.value();
+            if value.3 < now_ms {
+                continue;
+            }
+            out.push(stored_message(key.value().2, value));
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn ack(&self, app: &str, device: &str, seq: u64) -> Result<u64, StoreError> {
+        self.count(Op::Ack {
+            app: app.into(),
+            device: device.into(),
+            seq,
+        })
+        .await
+    }
+
+    async fn purge(&self, app: &str, device: &str) -> Result<u64, StoreError> {
+        self.count(Op::Purge {
+            app: app.into(),
+            device: device.into(),
+        })
+        .await
+    }
+
+    async fn take_dropped(&self, app: &str, device: &str) -> Result<u64, StoreError> {
+        self.count(Op::TakeDropped {
+            app: app.into(),
+            device: device.into(),
+        })
+        .await
+    }
+
+    async fn expire(&self, now_ms: u64) -> Result<ExpireOutcome, StoreError> {
+        let expired = self.count(Op::Expire { now_ms }).await?;
+        Ok(ExpireOutcome { expired })
+    }
+
+    async fn record_session(&self, app: &str, device: &str, now_ms: u64) -> Result<(), StoreError> {
+        self.call(Op::RecordSession {
+            app: app.into(),
+            device: device.into(),
+            now_ms,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn device(
+        &self,
+        app: &str,
+        device: &str,
+        now_ms: u64,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(unavailable)?;
+        let devices = txn.open_table(DEVICES).map_err(unavailable)?;
+        let Some(row) = devices.get((app, device)).map_err(unavailable)? else {
+            return Ok(None);
+        };
+        let row = DeviceRow::from_value(row.value());
+        let mut pending = 0;
+        if row.stored > 0 {
+            let table = txn.open_table(PENDING).map_err(unavailable)?;
+            for entry in table
+                .range((app, device, 0)..=(app, device, u64::MAX))
+                .map_err(unavailable)?
+            {
+                let (_, value) = entry.map_err(unavailable)?;
+                if value.value().3 >= now_ms {
+                    pending += 1;
+                }
+            }
+        }
+        if row.sessions == 0 && pending == 0 {
+            return Ok(None);
+        }
+        let seen = |ms| (row.sessions > 0).then_some(ms);
+        Ok(Some(DeviceRecord {
+            first_seen_ms: seen(row.first_seen_ms),
+            last_seen_ms: seen(row.last_seen_ms),
+            sessions: row.sessions,
+            pending,
+        }))
+    }
+
+    fn pending_total(&self) -> u64 {
+        self.shared.pending_total.load(Ordering::Relaxed)
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.call(Op::Flush).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+impl RedbStore {
+    /// A store on any redb backend (for failure injection); `make` is called
+    /// again to reopen it, with no wait between attempts.
+    fn with_backend<B: redb::StorageBackend>(
+        make: impl Fn() -> B + Send + 'static,
+        commit_max_batch: usize,
+        commit_max_wait_us: u64,
+    ) -> Result<RedbStore, StoreError> {
+        let reopen = move || {
+            Database::builder()
+                .create_with_backend(make())
+                .map_err(|e| open_error(Path::new("<memory>"), e))
+        };
+        let db = reopen()?;
+        Self::start(
+            db,
+            "<memory>".into(),
+            Box::new(reopen),
+            Duration::ZERO,
+            commit_max_batch,
+            commit_max_wait_us,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::store::tests::{msg, seqs};
+
+    fn open(dir: &Path) -> RedbStore {
+        RedbStore::open(dir, 64, 0).expect("open store")
+    }
+
+    #[tokio::test]
+    async fn restart_recovers_seqs_pending_dropped_sessions_and_total() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path());
+        for i in 0..5 {
+            let key = (i == 0).then_some("k");
+            s.append("a", &["d", "e"], &msg(&format!("m{i}"), 0, 10_000, key), 3)
+                .await
+                .expect("append");
+        }
+        s.ack("a", "e", 4).await.expect("ack");
+        s.record_session("a", "d", 7).await.expect("session");
+        s.record_session("a", "d", 9).await.expect("session");
+        s.append("a", &["x"], &msg("gone", 0, 10_000, None), 3)
+            .await
+            .expect("append");
+        s.purge("a", "x").await.expect("purge");
+        let total = s.pending_total();
+        assert_eq!(total, 3 + 1);
+        drop(s);
+
+        let s = open(dir.path());
+        assert_eq!(s.pending_total(), total);
+        assert_eq!(seqs(&s, "a", "d", 0).await, [3, 4, 5]);
+        assert_eq!(seqs(&s, "a", "e", 0).await, [5]);
+        let rec = s.device("a", "d", 0).await.expect("device").expect("seen");
+        assert_eq!(
+            rec,
+            DeviceRecord {
+                first_seen_ms: Some(7),
+                last_seen_ms: Some(9),
+                sessions: 2,
+                pending: 3
+            }
+        );
+        assert_eq!(s.take_dropped("a", "d").await.expect("take"), 2);
+        assert_eq!(s.take_dropped("a", "d").await.expect("take"), 0);
+        // Seqs go on where they were, even for a purged device.
+        let out = s
+            .append("a", &["d", "x"], &msg("m5", 0, 10_000, None), 3)
+            .await
+            .expect("append");
+        assert_eq!((out[0].seq, out[1].seq), (6, 2));
+        // The expiry index came back too.
+        assert_eq!(s.expire(10_001).await.expect("expire").expired, 5);
+        assert_eq!(s.pending_total(), 0);
+    }
+
+    #[tokio::test]
+    async fn acks_and_take_dropped_survive_a_clean_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path());
+        for i in 0..4 {
+            s.append("a", &["d"], &msg(&format!("m{i}"), 0, 1000, None), 2)
+                .await
+                .expect("append");
+        }
+        // Not durable at return, but visible at once...
+        assert_eq!(s.ack("a", "d", 3).await.expect("ack"), 1);
+        assert_eq!(s.take_dropped("a", "d").await.expect("take"), 2);
+        assert_eq!(seqs(&s, "a", "d", 0).await, [4]);
+        drop(s);
+        // ...and made durable by the close.
+        let s = open(dir.path());
+        assert_eq!(seqs(&s, "a", "d", 0).await, [4]);
+        assert_eq!(s.take_dropped("a", "d").await.expect("take"), 0);
+    }
+
+    #[tokio::test]
+    async fn collapse_index_survives_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path());
+        s.append("a", &["d"], &msg("v1", 0, 1000, Some("score")), 10)
+            .await
+            .expect("append");
+        drop(s);
+        let s = open(dir.path());
+        let out = s
+            .append("a", &["d"], &msg("v2", 0, 1000, Some("score")), 10)
+            .await
+            .expect("append");
+        assert_eq!((out[0].seq, out[0].collapsed), (2, 1));
+        assert_eq!(seqs(&s, "a", "d", 0).await, [2]);
+    }
+
+    #[tokio::test]
+    async fn second_open_is_locked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _first = open(dir.path());
+        match RedbStore::open(dir.path(), 64, 0) {
+            Err(StoreError::Locked(why)) => assert!(why.contains(DB_FILE), "{why}"),
+            Err(other) => panic!("expected Locked, got {other}"),
+            Ok(_) => panic!("expected Locked, opened twice"),
+        }
+    }
+
+    #[tokio::test]
+    async fn not_a_database_is_corrupt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(DB_FILE), vec![0x5a; 8192]).expect("write");
+        match RedbStore::open(dir.path(), 64, 0) {
+            Err(StoreError::Corrupt(_)) => {}
+            Err(other) => panic!("expected Corrupt, got {other}"),
+            Ok(_) => panic!("expected Corrupt, opened"),
+        }
+    }
+
+    #[tokio::test]
+    async fn other_table_layout_is_corrupt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = Database::create(dir.path().join(DB_FILE)).expect("create");
+            let txn = db.begin_write().expect("txn");
+            txn.open_table(META)
+                .expect("meta")
+                .insert("schema", 99)
+                .expect("insert");
+            txn.commit().expect("commit");
+        }
+        match RedbStore::open(dir.path(), 64, 0) {
+            Err(StoreError::Corrupt(why)) => assert!(why.contains("99"), "{why}"),
+            Err(other) => panic!("expected Corrupt, got {other}"),
+            Ok(_) => panic!("expected Corrupt, opened"),
+        }
+    }
+
+    #[tokio::test]
+    async fn path_that_is_a_file_is_unavailable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("plain");
+        std::fs::write(&file, b"x").expect("write");
+        assert!(matches!(
+            RedbStore::open(&file, 64, 0),
+            Err(StoreError::Unavailable(_))
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_share_one_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The batch closes when 64 requests are in, long before the wait ends.
+        let s = Arc::new(RedbStore::open(dir.path(), 64, 60_000_000).expect("open"));
+        let before = s.commits();
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    s.append("a", &["d"], &msg(&format!("m{i}"), 0, 1000, None), 100)
+                        .await
+                        .expect("append")[0]
+                        .seq
+                })
+            })
+            .collect();
+        let mut got = Vec::new();
+        for task in tasks {
+            got.push(task.await.expect("task"));
+        }
+        got.sort_unstable();
+        assert_eq!(got, (1..=64).collect::<Vec<u64>>());
+        assert_eq!(s.commits() - before, 1);
+        assert_eq!(s.pending_total(), 64);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rules_hold_inside_one_batch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Eight appends of one collapse key to one device, limit 2, in one
+        // transaction: each sees the ones before it.
+        let s = Arc::new(RedbStore::open(dir.path(), 8, 60_000_000).expect("open"));
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let key = if i % 2 == 0 { "even" } else { "odd" };
+                    let m = msg(&format!("m{i}"), 0, 1000, Some(key));
+                    s.append("a", &["d"], &m, 2).await.expect("append")[0]
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for task in tasks {
+            outcomes.push(task.await.expect("task"));
+        }
+        assert_eq!(s.commits(), 1);
+        let collapsed: u64 = outcomes.iter().map(|o| o.collapsed).sum();
+        let dropped: u64 = outcomes.iter().map(|o| o.dropped).sum();
+        // Two keys, so at most two pending: the other six went by collapse
+        // (never by the limit, which collapsing keeps from being reached).
+        assert_eq!((collapsed, dropped), (6, 0));
+        let pending = s.pending("a", "d", 0, 0, 10).await.expect("pending");
+        // The latest of each key, whichever order the tasks came in.
+        assert_eq!(pending.len(), 2);
+        assert_eq!(pending[1].seq, 8);
+        let parity = |m: &StoredMessage| m.id[1..].parse::<u32>().expect("id m<i>") % 2;
+        assert_ne!(parity(&pending[0]), parity(&pending[1]));
+        assert_eq!(s.pending_total(), 2);
+    }
+
+    /// An in-memory backend whose writes and syncs fail on demand; clones
+    /// share the bytes, so the store can reopen it.
+    #[derive(Debug, Clone)]
+    struct FailingBackend {
+        inner: Arc<redb::backends::InMemoryBackend>,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl FailingBackend {
+        fn check(&self) -> std::io::Result<()> {
+            if self.fail.load(Ordering::SeqCst) {
+                Err(std::io::Error::other("injected I/O failure"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl redb::StorageBackend for FailingBackend {
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
+    }
+
+    /// Three appends and an ack of seq 1 for device "d", sent together so
+    /// that they make one batch of a store whose batches are 4 long.
+    async fn batch_of_four(
+        s: &Arc<RedbStore>,
+        ids: [&'static str; 3],
+    ) -> (
+        Vec<Result<Vec<AppendOutcome>, StoreError>>,
+        Result<u64, StoreError>,
+    ) {
+        let tasks: Vec<_> = ids
+            .into_iter()
+            .map(|id| {
+                let s = s.clone();
+                tokio::spawn(
+                    async move { s.append("a", &["d"], &msg(id, 0, 1000, None), 10).await },
+                )
+            })
+            .collect();
+        let ack = {
+            let s = s.clone();
+            tokio::spawn(async move { s.ack("a", "d", 1).await })
+        };
+        let mut appends = Vec::new();
+        for task in tasks {
+            appends.push(task.await.expect("append task"));
+        }
+        (appends, ack.await.expect("ack task"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_commit_fails_the_whole_batch_and_heals_after() {
+        let backend = FailingBackend {
+            inner: Arc::new(redb::backends::InMemoryBackend::new()),
+            fail: Arc::new(AtomicBool::new(false)),
+        };
+        let fail = backend.fail.clone();
+        // A batch closes when 4 requests are in (the wait is far longer).
+        let s = Arc::new(
+            RedbStore::with_backend(move || backend.clone(), 4, 60_000_000).expect("open"),
+        );
+        let (appends, ack) = batch_of_four(&s, ["m1", "m2", "m3"]).await;
+        assert!(appends.iter().all(Result::is_ok));
+        assert_eq!(ack.expect("ack"), 1);
+        assert_eq!(seqs(&*s, "a", "d", 0).await, [2, 3]);
+
+        fail.store(true, Ordering::SeqCst);
+        let (appends, ack) = batch_of_four(&s, ["lost1", "lost2", "lost3"]).await;
+        for append in appends {
+            assert!(
+                matches!(append, Err(StoreError::Unavailable(_))),
+                "{append:?}"
+            );
+        }
+        assert!(matches!(ack, Err(StoreError::Unavailable(_))), "{ack:?}");
+        // Nothing of the failed batch is visible, the ack included.
+        assert_eq!(seqs(&*s, "a", "d", 0).await, [2, 3]);
+        assert_eq!(s.pending_total(), 2);
+        // Still failing: reopening fails too, and so does the next batch.
+        let (appends, _) = batch_of_four(&s, ["lost4", "lost5", "lost6"]).await;
+        assert!(appends.iter().all(Result::is_err));
+
+        // The fault passes: the writer reopens the file and goes on.
+        fail.store(false, Ordering::SeqCst);
+        let (appends, ack) = batch_of_four(&s, ["n1", "n2", "n3"]).await;
+        let got: Vec<u64> = appends
+            .into_iter()
+            .map(|a| a.expect("append")[0].seq)
+            .collect();
+        let mut sorted = got.clone();
+        sorted.sort_unstable();
+        // The failed batches' seqs were never committed, so they are reused:
+        // no device ever saw them.
+        assert_eq!(sorted, [4, 5, 6]);
+        assert_eq!(ack.expect("ack"), 0);
+        assert_eq!(seqs(&*s, "a", "d", 0).await, [2, 3, 4, 5, 6]);
+        assert_eq!(s.pending_total(), 5);
+    }
+}
