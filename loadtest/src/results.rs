@@ -455,7 +455,10 @@ impl Results {
                 }
             }
             if let Some(b) = g.bytes_per_conn {
-                let _ = writeln!(s, "  bytes per connection {} ({b:.0} B)", fmt_bytes(b));
+                let _ = writeln!(s, "  bytes per connection {b:.0} B");
+            }
+            if let Some(f) = g.fds_per_conn {
+                let _ = writeln!(s, "  fds per connection {f:.2}");
             }
             if let Some(x) = g.rss_growth_after {
                 let _ = writeln!(s, "  rss growth after scenario {}", fmt_bytes(x));
@@ -472,15 +475,20 @@ impl Results {
         let rss: u64 = cl.workers.iter().map(|w| w.max_rss_bytes).sum();
         let _ = writeln!(s, "  workers' peak rss {}", fmt_bytes(rss as f64));
         if let Some(b) = &self.setup.bench {
-            let _ = writeln!(
+            let _ = write!(
                 s,
-                "bench gateway exit {}  (config {}, log {})",
+                "bench: gateway {} store {}{}, exit {} after SIGTERM",
+                b.gateway_bin,
+                b.store,
+                if b.tls { ", TLS" } else { "" },
                 b.exit_code
                     .map(|c| c.to_string())
-                    .unwrap_or_else(|| "unknown".into()),
-                b.config,
-                b.log
+                    .unwrap_or_else(|| "by signal".into()),
             );
+            if !b.log.is_empty() {
+                let _ = write!(s, " (config {}, log {})", b.config, b.log);
+            }
+            let _ = writeln!(s);
         }
         let _ = writeln!(
             s,

@@ -343,6 +343,8 @@ struct Fleet {
     printer: Printer,
     /// Connections up, for senders that need it.
     up: Arc<AtomicU64>,
+    /// The timeline stops when the clients start closing at the end.
+    recording: bool,
 }
 
 impl Fleet {
@@ -415,6 +417,7 @@ impl Fleet {
                 target: plan.o.connections,
             },
             up: Arc::new(AtomicU64::new(0)),
+            recording: true,
         })
     }
 
@@ -454,7 +457,7 @@ impl Fleet {
         let sum = self.sum();
         self.up.store(sum.up, Ordering::Relaxed);
         let t = self.t0.elapsed().as_secs_f64();
-        if self.timeline.last().is_none_or(|l| t - l.t >= 0.25) {
+        if self.recording && self.timeline.last().is_none_or(|l| t - l.t >= 0.25) {
             self.timeline.push(TimelinePoint {
                 t,
                 up: sum.up,
@@ -482,7 +485,13 @@ impl Fleet {
             if stop.borrow_and_update().is_some() {
                 return Wait::Stopped;
             }
-            if !self.fatal.is_empty() || self.alive.iter().all(|a| !a) {
+            // A worker that died without a report makes the run void.
+            let lost_worker = self
+                .alive
+                .iter()
+                .zip(&self.reports)
+                .any(|(alive, r)| !alive && r.is_none());
+            if !self.fatal.is_empty() || lost_worker {
                 return Wait::Gone;
             }
             tokio::select! {
@@ -506,6 +515,7 @@ impl Fleet {
 
     /// Tells every worker to finish and collects the reports (bounded).
     async fn finish(&mut self) {
+        self.recording = false;
         self.send(&Cmd::Finish).await;
         let never = watch::channel(None).1;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -912,7 +922,11 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
         ok = w == Wait::Met;
     }
     let ramp = fleet.sum();
-    res.connections.ramp_secs = ramp_start.elapsed().as_secs_f64();
+    res.connections.ramp_secs = if ramp.ramp_end_us > ramp.ramp_start_us && ramp.ramp_start_us > 0 {
+        (ramp.ramp_end_us - ramp.ramp_start_us) as f64 / 1e6
+    } else {
+        ramp_start.elapsed().as_secs_f64()
+    };
     res.connections.handshakes_per_sec = if res.connections.ramp_secs > 0.0 {
         ramp.established as f64 / res.connections.ramp_secs
     } else {
@@ -1157,7 +1171,8 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
         }
         if let (Some(a), Some(b)) = (gs.before_send, gs.after_send) {
             // A /metrics page without process_cpu_seconds_total reads as 0.
-            if d.unique > 0 && b.cpu_ms > 0.0 {
+            // Equal readings: less than one 10 ms tick, not measurable.
+            if d.unique > 0 && b.cpu_ms > a.cpu_ms {
                 gs.cpu_ms_per_1000_deliveries =
                     Some((b.cpu_ms - a.cpu_ms) / d.unique as f64 * 1000.0);
             }

@@ -195,6 +195,11 @@ pub struct Progress {
     pub last_rx_us: u64,
     /// This worker process's CPU time so far, ms.
     pub cpu_ms: f64,
+    /// Unix µs when the ramp started, and when the last initial connect
+    /// finished (0: not yet). Progress comes 5 times a second; these make the
+    /// ramp time exact anyway.
+    pub ramp_start_us: u64,
+    pub ramp_end_us: u64,
 }
 
 impl Progress {
@@ -226,6 +231,10 @@ impl Progress {
             }
             s.last_rx_us = s.last_rx_us.max(p.last_rx_us);
             s.cpu_ms += p.cpu_ms;
+            if p.ramp_start_us != 0 && (s.ramp_start_us == 0 || p.ramp_start_us < s.ramp_start_us) {
+                s.ramp_start_us = p.ramp_start_us;
+            }
+            s.ramp_end_us = s.ramp_end_us.max(p.ramp_end_us);
         }
         s.ramp_done &= any;
         s

@@ -157,6 +157,7 @@ async fn ramp(sh: Arc<Shared>, ctl: watch::Receiver<Control>) {
     let count = sh.cfg.count;
     let rate = sh.cfg.rate;
     let start = tokio::time::Instant::now();
+    sh.ramp_start_us.store(crate::now_us(), Ordering::Relaxed);
     let mut fin = ctl.clone();
     for n in 0..count {
         if rate > 0.0 {
