@@ -62,8 +62,11 @@ pub fn draw(path: &Path, res: &Results) -> Result<()> {
     let mut chart = ChartBuilder::on(&top)
         .caption(
             format!(
-                "{}: connections up ({} target, {} workers)",
-                res.scenario, res.setup.connections, res.setup.workers
+                "{}: connections up ({} target, {} worker{})",
+                res.scenario,
+                res.setup.connections,
+                res.setup.workers,
+                if res.setup.workers == 1 { "" } else { "s" }
             ),
             font,
         )

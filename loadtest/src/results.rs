@@ -359,14 +359,15 @@ impl Results {
             );
         }
         if c.reconnected > 0 || c.reconnect_failed > 0 || c.gave_up > 0 {
-            let _ = writeln!(
+            let _ = write!(
                 s,
-                "  reconnected {}  reconnect failures {} ({})  gave up {}",
-                c.reconnected,
-                c.reconnect_failed,
-                fmt_map(&c.reconnect_failed_by),
-                c.gave_up
+                "  reconnected {}  reconnect failures {}",
+                c.reconnected, c.reconnect_failed
             );
+            if !c.reconnect_failed_by.is_empty() {
+                let _ = write!(s, " ({})", fmt_map(&c.reconnect_failed_by));
+            }
+            let _ = writeln!(s, "  gave up {}", c.gave_up);
         }
         for d in &self.deliveries {
             let _ = writeln!(

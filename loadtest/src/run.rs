@@ -208,6 +208,7 @@ impl Plan {
             run_id: self.run_id.clone(),
             reconnect: self.scenario == Scenario::Storm,
             reconnect_window_ms: (o.storm_timeout * 1000.0) as u64,
+            deadline_ms: ((o.time_limit + 120.0) * 1000.0) as u64,
         }
     }
 

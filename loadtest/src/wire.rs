@@ -124,6 +124,9 @@ pub struct WorkerConfig {
     pub reconnect: bool,
     /// How long reconnect attempts may go on after a drop.
     pub reconnect_window_ms: u64,
+    /// The worker finishes by itself this long after starting, whatever the
+    /// coordinator does (it normally says `finish` much earlier).
+    pub deadline_ms: u64,
 }
 
 impl WorkerConfig {

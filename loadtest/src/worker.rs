@@ -59,6 +59,7 @@ async fn run() -> Result<()> {
         .context("no worker config on stdin (this subcommand is started by the coordinator)")?;
     let cfg: WorkerConfig = serde_json::from_str(&first).context("parsing the worker config")?;
     let worker = cfg.worker;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(cfg.deadline_ms);
 
     let (out_tx, mut out_rx) = mpsc::channel::<Event>(64);
     let writer = tokio::spawn(async move {
@@ -102,18 +103,22 @@ async fn run() -> Result<()> {
     let (ctl_tx, ctl_rx) = watch::channel(Control::default());
     let (start_tx, mut start_rx) = mpsc::channel::<()>(1);
     tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            match serde_json::from_str::<Cmd>(&line) {
-                Ok(Cmd::Connect) => {
-                    let _ = start_tx.try_send(());
+        let commands = async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                match serde_json::from_str::<Cmd>(&line) {
+                    Ok(Cmd::Connect) => {
+                        let _ = start_tx.try_send(());
+                    }
+                    Ok(Cmd::Storm { round }) => {
+                        ctl_tx.send_modify(|c| c.storm_round = round);
+                    }
+                    Ok(Cmd::Finish) => break,
+                    Err(_) => {}
                 }
-                Ok(Cmd::Storm { round }) => {
-                    ctl_tx.send_modify(|c| c.storm_round = round);
-                }
-                Ok(Cmd::Finish) => break,
-                Err(_) => {}
             }
-        }
+        };
+        // Finish, EOF, or the worker's own deadline: all end the same way.
+        let _ = tokio::time::timeout_at(deadline, commands).await;
         ctl_tx.send_modify(|c| c.finish = true);
         // Keep the sender alive until the process ends, so tasks see
         // `finish` rather than a closed channel mid-close.
