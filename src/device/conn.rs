@@ -70,51 +70,65 @@ enum WriteFail {
     Closing,
 }
 
-/// Run a device connection to its end: hello, the backlog, then frames both
-/// ways until it closes. Unregisters it from the hub on the way out.
-pub async fn run<S>(ctx: Arc<DeviceCtx>, stream: S, admitted: Admitted)
+/// A device connection after the upgrade: the socket, the session state
+/// and the shared tick. Built once, then driven by [`Connection::run`]
+/// through `&mut self`, so no async layer holds a second copy of it.
+pub struct Connection<S> {
+    ws: WebSocketStream<S>,
+    session: Session,
+    tick: watch::Receiver<()>,
+}
+
+impl<S> Connection<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let ws = WebSocketStream::from_partially_read(
-        stream,
-        admitted.leftover,
-        Role::Server,
-        Some(ctx.ws_config),
-    )
-    .await;
-    let app_label = ctx.hub.app_id(admitted.conn.app).clone();
-    ctx.metrics
-        .connections
-        .with_label_values(&[&*app_label])
-        .inc();
-    ctx.metrics
-        .connections_opened
-        .with_label_values(&[&*app_label])
-        .inc();
-    record_session(&ctx, &admitted.conn);
+    /// Take over an upgraded stream (`admitted.leftover` are early bytes
+    /// the device sent after its request head).
+    pub async fn open(ctx: Arc<DeviceCtx>, stream: S, admitted: Admitted) -> Connection<S> {
+        let ws = Box::pin(WebSocketStream::from_partially_read(
+            stream,
+            admitted.leftover,
+            Role::Server,
+            Some(ctx.ws_config),
+        ))
+        .await;
+        let app = ctx.hub.app_id(admitted.conn.app);
+        ctx.metrics.connections.with_label_values(&[&**app]).inc();
+        ctx.metrics
+            .connections_opened
+            .with_label_values(&[&**app])
+            .inc();
+        record_session(&ctx, &admitted.conn);
+        Connection {
+            ws,
+            tick: ctx.ticker.subscribe(admitted.conn.id),
+            session: Session {
+                last_rx: ctx.ticker.now_secs(),
+                conn: admitted.conn,
+                ctx,
+                allowed: admitted.allowed,
+                exp: admitted.exp,
+                last_sent: 0,
+                errors: 0,
+            },
+        }
+    }
 
-    let tick = ctx.ticker.subscribe(admitted.conn.id);
-    let mut session = Session {
-        conn: admitted.conn,
-        ctx: ctx.clone(),
-        allowed: admitted.allowed,
-        exp: admitted.exp,
-        last_rx: ctx.ticker.now_secs(),
-        last_sent: 0,
-        errors: 0,
-    };
-    let reason = session.serve(ws, tick).await;
-    ctx.hub.unregister(&session.conn);
-    ctx.metrics
-        .connections
-        .with_label_values(&[&*app_label])
-        .dec();
-    ctx.metrics
-        .connections_closed
-        .with_label_values(&[reason.as_str()])
-        .inc();
-    tracing::debug!(app = %app_label, device = %session.conn.device, reason = reason.as_str(), "connection closed");
+    /// Serve the connection to its end; unregisters it on the way out.
+    pub async fn run(&mut self) {
+        let reason = self.session.serve(&mut self.ws, &mut self.tick).await;
+        let s = &self.session;
+        let app = s.ctx.hub.app_id(s.conn.app);
+        s.ctx.hub.unregister(&s.conn);
+        s.ctx.metrics.connections.with_label_values(&[&**app]).dec();
+        s.ctx
+            .metrics
+            .connections_closed
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        tracing::debug!(app = %app, device = %s.conn.device, reason = reason.as_str(), "connection closed");
+    }
 }
 
 /// Count the session in the registry without holding up the hello: a
@@ -141,8 +155,8 @@ async fn maybe_sleep(timer: &mut Option<Pin<Box<Sleep>>>) {
 impl Session {
     async fn serve<S>(
         &mut self,
-        mut ws: WebSocketStream<S>,
-        mut tick: watch::Receiver<()>,
+        ws: &mut WebSocketStream<S>,
+        tick: &mut watch::Receiver<()>,
     ) -> CloseReason
     where
         S: AsyncRead + AsyncWrite + Unpin,
@@ -150,15 +164,15 @@ impl Session {
         let hb = self.ctx.cfg.heartbeat_secs;
         let hello = protocol::hello_frame(&self.conn.device, hb);
         let start = async {
-            self.feed(&mut ws, Utf8Bytes::from(hello)).await?;
-            self.catch_up(&mut ws, true).await?;
-            self.flush(&mut ws).await
+            self.feed(ws, Utf8Bytes::from(hello)).await?;
+            self.catch_up(ws, true).await?;
+            self.flush(ws).await
         };
-        if let Err(fail) = start.await {
+        if let Err(fail) = Box::pin(start).await {
             match self.fail_flow(fail) {
                 Flow::Continue => {} // the close request is handled below
                 Flow::Close(reason, retry_ms) => {
-                    self.close(&mut ws, reason, retry_ms).await;
+                    Box::pin(self.close(ws, reason, retry_ms)).await;
                     return reason;
                 }
                 Flow::Gone => return CloseReason::Remote,
@@ -170,15 +184,18 @@ impl Session {
         loop {
             let flow = tokio::select! {
                 biased;
-                _ = self.conn.wait() => self.on_queue(&mut ws).await,
-                msg = ws.next() => self.on_device(&mut ws, msg).await,
-                _ = tick.changed() => self.on_tick(&mut ws, &mut expiry).await,
+                // The handlers are boxed: their futures (writes under
+                // timeouts, store calls) exist only while they run, so the
+                // task at rest keeps just this select's small futures.
+                _ = self.conn.wait() => Box::pin(self.on_queue(ws)).await,
+                msg = ws.next() => Box::pin(self.on_device(ws, msg)).await,
+                _ = tick.changed() => Box::pin(self.on_tick(ws, &mut expiry)).await,
                 _ = maybe_sleep(&mut expiry) => Flow::Close(CloseReason::TokenExpired, 0),
             };
             match flow {
                 Flow::Continue => {}
                 Flow::Close(reason, retry_ms) => {
-                    self.close(&mut ws, reason, retry_ms).await;
+                    Box::pin(self.close(ws, reason, retry_ms)).await;
                     return reason;
                 }
                 Flow::Gone => return CloseReason::Remote,

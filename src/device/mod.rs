@@ -5,14 +5,17 @@ pub mod conn;
 pub mod handshake;
 pub mod ticker;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -24,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::shutdown::Drain;
 use crate::store::Store;
 
+use conn::Connection;
 use handshake::HandshakeError;
 use ticker::Ticker;
 
@@ -108,106 +112,189 @@ pub async fn serve(listener: TcpListener, ctx: Arc<DeviceCtx>, tls: Option<TlsAc
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return; // never closed
         };
-        let (tcp, peer) = match listener.accept().await {
-            Ok(v) => {
-                backoff.reset();
-                v
-            }
-            Err(e) => {
-                backoff.on_error(&e).await;
-                continue;
-            }
+        let (tcp, peer) = crate::net::accept_tuned(&listener, &mut backoff).await;
+        let incoming = Incoming {
+            ctx: ctx.clone(),
+            stream: tcp,
+            peer,
+            permit,
+            deadline: tokio::time::Instant::now()
+                + Duration::from_secs(ctx.cfg.handshake_timeout_secs),
         };
-        crate::net::tune_accepted(&tcp);
-        let ctx = ctx.clone();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            match tls {
-                None => connection(ctx, tcp, peer, permit).await,
-                Some(acceptor) => tls_connection(ctx, tcp, peer, acceptor, permit).await,
-            }
-        });
+        // Two task types rather than one matching on `tls`: a task is as
+        // large as its largest state, and plaintext connections must not
+        // pay for the TLS stream's.
+        match &tls {
+            None => tokio::spawn(drive(Box::pin(upgrade(incoming)))),
+            Some(acceptor) => tokio::spawn(drive(Box::pin(accept_tls(incoming, acceptor.clone())))),
+        };
     }
 }
 
-async fn tls_connection(
+/// A connection between `accept()` and the end of its upgrade.
+struct Incoming<S> {
     ctx: Arc<DeviceCtx>,
-    tcp: TcpStream,
+    stream: S,
     peer: SocketAddr,
-    acceptor: TlsAcceptor,
+    /// Held until the upgrade ends: bounds handshakes in progress.
     permit: OwnedSemaphorePermit,
-) {
-    let timeout = Duration::from_secs(ctx.cfg.handshake_timeout_secs);
-    let deadline = tokio::time::Instant::now() + timeout;
-    // Boxed: the TLS handshake future is ~10 KB and must not stay inline
-    // in a task that lives for days.
-    let tls = Box::pin(tokio::time::timeout_at(deadline, acceptor.accept(tcp))).await;
-    match tls {
-        Ok(Ok(stream)) => upgrade(ctx, stream, peer, permit, deadline).await,
+    deadline: tokio::time::Instant,
+}
+
+type Accepting<S> = Pin<Box<dyn Future<Output = Option<Connection<S>>> + Send>>;
+
+/// The task of one connection. The accepting phase is boxed and freed when
+/// it ends, and an async fn's arguments get a slot in its future for its
+/// whole life, so the only argument here is that box: the task at rest
+/// holds the `Connection` and the small futures of its select loop.
+async fn drive<S>(accepting: Accepting<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    // Not `if let`: its scrutinee would stay alive, a second copy of the
+    // connection, for the whole block.
+    let mut conn = match accepting.await {
+        Some(conn) => conn,
+        None => return,
+    };
+    conn.run().await;
+}
+
+async fn accept_tls(
+    incoming: Incoming<TcpStream>,
+    acceptor: TlsAcceptor,
+) -> Option<Connection<TlsStream<TcpStream>>> {
+    let Incoming {
+        ctx,
+        stream,
+        peer,
+        permit,
+        deadline,
+    } = incoming;
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => {
+            upgrade(Incoming {
+                ctx,
+                stream,
+                peer,
+                permit,
+                deadline,
+            })
+            .await
+        }
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
             ctx.metrics.handshake_failed("tls");
+            None
         }
-        Err(_) => ctx.metrics.handshake_failed("timeout"),
+        Err(_) => {
+            ctx.metrics.handshake_failed("timeout");
+            None
+        }
     }
 }
 
-async fn connection(
-    ctx: Arc<DeviceCtx>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
-) {
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_secs(ctx.cfg.handshake_timeout_secs);
-    upgrade(ctx, tcp, peer, permit, deadline).await
-}
-
-/// The upgrade under the handshake deadline, then the connection.
-async fn upgrade<S>(
-    ctx: Arc<DeviceCtx>,
-    mut stream: S,
-    peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
-    deadline: tokio::time::Instant,
-) where
+/// The upgrade under the handshake deadline; on success, the connection.
+async fn upgrade<S>(incoming: Incoming<S>) -> Option<Connection<S>>
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let hs = Box::pin(tokio::time::timeout_at(
+    let Incoming {
+        ctx,
+        mut stream,
+        peer,
+        permit,
         deadline,
-        handshake::handshake(&ctx, &mut stream),
-    ))
-    .await;
+    } = incoming;
+    let hs = tokio::time::timeout_at(deadline, handshake::handshake(&ctx, &mut stream)).await;
     drop(permit);
     match hs {
-        Ok(Ok(admitted)) => conn::run(ctx, stream, admitted).await,
+        Ok(Ok(admitted)) => Some(Connection::open(ctx, stream, admitted).await),
         Ok(Err(HandshakeError::Refused(r))) => {
             tracing::debug!(%peer, status = r.status, code = r.code, message = %r.message, "upgrade refused");
             ctx.metrics.handshake_failed(r.reason);
+            None
         }
         Ok(Err(HandshakeError::Io(e))) => {
             tracing::debug!(%peer, error = %e, "handshake I/O failed");
             ctx.metrics.handshake_failed("io");
+            None
         }
         // Closed without a response, as PROTOCOL.md says.
-        Err(_) => ctx.metrics.handshake_failed("timeout"),
+        Err(_) => {
+            ctx.metrics.handshake_failed("timeout");
+            None
+        }
     }
 }
 
-/// Drive one already-upgraded in-memory or other stream through the real
-/// handshake and connection code (used by the scale bench and tests).
+/// Drive any stream through the real handshake and connection code (the
+/// in-memory scale bench uses this with duplex pipes).
 pub async fn serve_stream<S>(ctx: Arc<DeviceCtx>, stream: S)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (permit_src, peer) = (
-        Arc::new(Semaphore::new(1)),
-        SocketAddr::from(([0, 0, 0, 0], 0)),
-    );
-    let Ok(permit) = permit_src.acquire_owned().await else {
+    let Ok(permit) = Arc::new(Semaphore::new(1)).acquire_owned().await else {
         return;
     };
     let deadline =
         tokio::time::Instant::now() + Duration::from_secs(ctx.cfg.handshake_timeout_secs);
-    upgrade(ctx, stream, peer, permit, deadline).await
+    let incoming = Incoming {
+        ctx,
+        stream,
+        peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+        permit,
+        deadline,
+    };
+    drive(Box::pin(upgrade(incoming))).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    fn ctx() -> Arc<DeviceCtx> {
+        let cfg = crate::config::parse(
+            "[[app]]\nid = \"demo\"\ndevice_secret = \"s\"\napi_keys = [\"k\"]\n",
+        )
+        .expect("valid config");
+        let hub = Arc::new(Hub::new([("demo".to_string(), 10)]));
+        let metrics = Arc::new(Metrics::new(&["demo"]).expect("metrics"));
+        Arc::new(DeviceCtx::new(
+            hub,
+            Arc::new(MemoryStore::new()),
+            metrics,
+            Arc::new(Auth::new(&cfg)),
+            Arc::new(Drain::new()),
+            cfg.device.clone(),
+        ))
+    }
+
+    /// The future of a plaintext connection's task lives (inline in the
+    /// task) as long as the connection: a bound on it, so a change that
+    /// bloats it fails here rather than in a memory benchmark.
+    #[tokio::test]
+    async fn connection_task_future_is_small() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (tcp, peer) = listener.accept().await.expect("accept");
+        let permit = Arc::new(Semaphore::new(1))
+            .acquire_owned()
+            .await
+            .expect("permit");
+        let incoming = Incoming {
+            ctx: ctx(),
+            stream: tcp,
+            peer,
+            permit,
+            deadline: tokio::time::Instant::now(),
+        };
+        let fut = drive(Box::pin(upgrade(incoming)));
+        let size = std::mem::size_of_val(&fut);
+        println!("plaintext connection task future: {size} bytes");
+        // Measured 816 bytes (tokio 1.54, tokio-tungstenite 0.30).
+        assert!(size <= 896, "connection task future is {size} bytes");
+    }
 }

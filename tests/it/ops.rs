@@ -16,11 +16,26 @@ async fn metrics_move() {
     d.recv().await;
     let m = gw.metrics().await;
     assert_eq!(metric(&m, "pushgate_connections{app=\"demo\"}"), 1.0);
-    assert_eq!(metric(&m, "pushgate_connections_opened_total{app=\"demo\"}"), 1.0);
-    assert_eq!(metric(&m, "pushgate_messages_accepted_total{kind=\"device\"}"), 1.0);
-    assert_eq!(metric(&m, "pushgate_messages_accepted_total{kind=\"broadcast\"}"), 1.0);
-    assert_eq!(metric(&m, "pushgate_messages_sent_total{kind=\"device\"}"), 1.0);
-    assert_eq!(metric(&m, "pushgate_messages_sent_total{kind=\"broadcast\"}"), 1.0);
+    assert_eq!(
+        metric(&m, "pushgate_connections_opened_total{app=\"demo\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "pushgate_messages_accepted_total{kind=\"device\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "pushgate_messages_accepted_total{kind=\"broadcast\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "pushgate_messages_sent_total{kind=\"device\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "pushgate_messages_sent_total{kind=\"broadcast\"}"),
+        1.0
+    );
     assert_eq!(metric(&m, "pushgate_pending_messages"), 1.0);
     assert!(metric(&m, "pushgate_delivery_seconds_count") >= 2.0);
     assert!(metric(&m, "process_open_fds") > 0.0);
@@ -29,37 +44,111 @@ async fn metrics_move() {
     gw.until("closed", |n| n.hub.live() == 0).await;
     let m = gw.metrics().await;
     assert_eq!(metric(&m, "pushgate_connections{app=\"demo\"}"), 0.0);
-    assert_eq!(metric(&m, "pushgate_connections_closed_total{reason=\"remote\"}"), 1.0);
+    assert_eq!(
+        metric(&m, "pushgate_connections_closed_total{reason=\"remote\"}"),
+        1.0
+    );
 }
 
 #[tokio::test]
 async fn health_and_ready() {
     let gw = Gateway::start().await;
-    assert_eq!(http(gw.api, "GET", "/healthz", None, None, "").await.status, 200);
-    assert_eq!(http(gw.api, "GET", "/readyz", None, None, "").await.status, 200);
+    assert_eq!(
+        http(gw.api, "GET", "/healthz", None, None, "").await.status,
+        200
+    );
+    assert_eq!(
+        http(gw.api, "GET", "/readyz", None, None, "").await.status,
+        200
+    );
     gw.node().drain.start();
-    assert_eq!(http(gw.api, "GET", "/readyz", None, None, "").await.status, 503);
-    assert_eq!(http(gw.api, "GET", "/healthz", None, None, "").await.status, 200);
+    assert_eq!(
+        http(gw.api, "GET", "/readyz", None, None, "").await.status,
+        503
+    );
+    assert_eq!(
+        http(gw.api, "GET", "/healthz", None, None, "").await.status,
+        200
+    );
 }
 
 #[tokio::test]
 async fn api_auth_and_errors_over_the_wire() {
     let gw = Gateway::start().await;
     let body = json!({"to": {"device": "d1"}, "data": 1}).to_string();
-    let r = http(gw.api, "POST", "/v1/apps/demo/messages", None, Some(&body), "application/json").await;
+    let r = http(
+        gw.api,
+        "POST",
+        "/v1/apps/demo/messages",
+        None,
+        Some(&body),
+        "application/json",
+    )
+    .await;
     assert_eq!((r.status, r.code().as_str()), (401, "unauthorized"));
-    let r = http(gw.api, "POST", "/v1/apps/demo/messages", Some("nope"), Some(&body), "application/json").await;
+    let r = http(
+        gw.api,
+        "POST",
+        "/v1/apps/demo/messages",
+        Some("nope"),
+        Some(&body),
+        "application/json",
+    )
+    .await;
     assert_eq!((r.status, r.code().as_str()), (401, "unauthorized"));
-    let r = http(gw.api, "POST", "/v1/apps/demo/messages", Some(OTHER_KEY), Some(&body), "application/json").await;
+    let r = http(
+        gw.api,
+        "POST",
+        "/v1/apps/demo/messages",
+        Some(OTHER_KEY),
+        Some(&body),
+        "application/json",
+    )
+    .await;
     assert_eq!((r.status, r.code().as_str()), (403, "forbidden"));
-    let r = http(gw.api, "POST", "/v1/apps/ghost/messages", Some(OTHER_KEY), Some(&body), "application/json").await;
+    let r = http(
+        gw.api,
+        "POST",
+        "/v1/apps/ghost/messages",
+        Some(OTHER_KEY),
+        Some(&body),
+        "application/json",
+    )
+    .await;
     assert_eq!((r.status, r.code().as_str()), (403, "forbidden"));
-    let r = http(gw.api, "POST", "/v1/apps/demo/messages", Some(KEY), Some(&body), "text/plain").await;
-    assert_eq!((r.status, r.code().as_str()), (415, "unsupported_media_type"));
-    let r = http(gw.api, "POST", "/v1/apps/demo/messages", Some(KEY), Some("{"), "application/json").await;
+    let r = http(
+        gw.api,
+        "POST",
+        "/v1/apps/demo/messages",
+        Some(KEY),
+        Some(&body),
+        "text/plain",
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (415, "unsupported_media_type")
+    );
+    let r = http(
+        gw.api,
+        "POST",
+        "/v1/apps/demo/messages",
+        Some(KEY),
+        Some("{"),
+        "application/json",
+    )
+    .await;
     assert_eq!((r.status, r.code().as_str()), (400, "invalid"));
     let big = json!({"to": {"device": "d1"}, "data": "x".repeat(5000)}).to_string();
-    let r = http(gw.api, "POST", "/v1/apps/demo/messages", Some(KEY), Some(&big), "application/json").await;
+    let r = http(
+        gw.api,
+        "POST",
+        "/v1/apps/demo/messages",
+        Some(KEY),
+        Some(&big),
+        "application/json",
+    )
+    .await;
     assert_eq!((r.status, r.code().as_str()), (413, "too_large"));
     let r = http(gw.api, "GET", "/nowhere", Some(KEY), None, "").await;
     assert_eq!((r.status, r.code().as_str()), (404, "not_found"));
@@ -69,7 +158,9 @@ async fn api_auth_and_errors_over_the_wire() {
         {"to": {"topic": "news"}, "data": 3, "ttl": 5},
         {"to": {"device": "d1"}, "data": 4, "dry_run": true}
     ]});
-    let r = gw.api("POST", "/v1/apps/demo/messages/batch", Some(batch)).await;
+    let r = gw
+        .api("POST", "/v1/apps/demo/messages/batch", Some(batch))
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let results = r.json()["results"].as_array().unwrap().clone();
     assert_eq!(results.len(), 4);
@@ -83,19 +174,44 @@ async fn api_auth_and_errors_over_the_wire() {
 
 #[tokio::test]
 async fn rate_limit_per_app() {
-    let gw = Gateway::with(|t| t.replacen("api_keys = [\"demo-key\"]", "api_keys = [\"demo-key\"]\nmax_messages_per_sec = 3", 1)).await;
+    let gw = Gateway::with(|t| {
+        t.replacen(
+            "api_keys = [\"demo-key\"]",
+            "api_keys = [\"demo-key\"]\nmax_messages_per_sec = 3",
+            1,
+        )
+    })
+    .await;
     let mut statuses = Vec::new();
     for i in 0..6 {
-        let r = gw.api("POST", "/v1/apps/demo/messages", Some(json!({"to": {"device": "d1"}, "data": i}))).await;
+        let r = gw
+            .api(
+                "POST",
+                "/v1/apps/demo/messages",
+                Some(json!({"to": {"device": "d1"}, "data": i})),
+            )
+            .await;
         if r.status == 429 {
             assert_eq!(r.code(), "rate_limited");
             assert!(r.header("Retry-After").is_some());
         }
         statuses.push(r.status);
     }
-    assert_eq!(statuses.iter().filter(|s| **s == 202).count(), 3, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 202).count(),
+        3,
+        "{statuses:?}"
+    );
     // The other app is not limited by demo's budget.
     let body = json!({"to": {"device": "d1"}, "data": 1}).to_string();
-    let r = http(gw.api, "POST", "/v1/apps/other/messages", Some(OTHER_KEY), Some(&body), "application/json").await;
+    let r = http(
+        gw.api,
+        "POST",
+        "/v1/apps/other/messages",
+        Some(OTHER_KEY),
+        Some(&body),
+        "application/json",
+    )
+    .await;
     assert_eq!(r.status, 202);
 }

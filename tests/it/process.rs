@@ -87,7 +87,10 @@ impl Proc {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status.code().unwrap_or(-1);
             }
-            assert!(std::time::Instant::now() < deadline, "the gateway did not exit");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the gateway did not exit"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -121,7 +124,10 @@ async fn sigterm_drains_then_exits_zero() {
     for i in 0..4 {
         devices.push(gw.connect(&format!("d{i}")).await);
     }
-    assert_eq!(http(p.api, "GET", "/readyz", None, None, "").await.status, 200);
+    assert_eq!(
+        http(p.api, "GET", "/readyz", None, None, "").await.status,
+        200
+    );
     let started = tokio::time::Instant::now();
     p.signal("-TERM");
     // Draining: readyz 503, new upgrades 503 draining, API 503 draining,
@@ -131,8 +137,17 @@ async fn sigterm_drains_then_exits_zero() {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(http(p.api, "GET", "/healthz", None, None, "").await.status, 200);
-    let r = gw.api("POST", "/v1/apps/demo/messages", Some(json!({"to": {"broadcast": true}, "data": 1}))).await;
+    assert_eq!(
+        http(p.api, "GET", "/healthz", None, None, "").await.status,
+        200
+    );
+    let r = gw
+        .api(
+            "POST",
+            "/v1/apps/demo/messages",
+            Some(json!({"to": {"broadcast": true}, "data": 1})),
+        )
+        .await;
     assert_eq!((r.status, r.code().as_str()), (503, "draining"));
     assert!(r.header("Retry-After").is_some());
     let req = upgrade_request(&format!("/v1/connect?token={}", token("late", &[])), "");
@@ -173,10 +188,18 @@ async fn port_taken_exits_one_with_a_line() {
     let path = dir.path().join("c.toml");
     std::fs::write(
         &path,
-        base_toml().replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""), 1),
+        base_toml().replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{addr}\""),
+            1,
+        ),
     )
     .unwrap();
-    let out = Command::new(BIN).args(["serve", "--config"]).arg(&path).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&addr.to_string()), "{err}");
@@ -187,20 +210,49 @@ fn check_reports_line_and_field_and_exits_two() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.toml");
     std::fs::write(&good, base_toml()).unwrap();
-    let out = Command::new(BIN).args(["check", "--config"]).arg(&good).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, base_toml().replace("heartbeat_secs = 30", "heartbeat_secs = 30\nbogus_key = 1")).unwrap();
-    let out = Command::new(BIN).args(["check", "--config"]).arg(&bad).output().unwrap();
+    std::fs::write(
+        &bad,
+        base_toml().replace("heartbeat_secs = 30", "heartbeat_secs = 30\nbogus_key = 1"),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("bogus_key"), "{text}");
     assert!(text.contains(":5"), "no line number in {text}");
 
     let bad_app = dir.path().join("bad_app.toml");
-    std::fs::write(&bad_app, base_toml().replace("id = \"other\"", "id = \"Other App\"")).unwrap();
-    let out = Command::new(BIN).args(["serve", "--config"]).arg(&bad_app).output().unwrap();
+    std::fs::write(
+        &bad_app,
+        base_toml().replace("id = \"other\"", "id = \"Other App\""),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&bad_app)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("app[1].id"), "{text}");
@@ -214,10 +266,24 @@ async fn token_command_signs_a_working_token() {
     let out = Command::new(BIN)
         .args(["token", "--config"])
         .arg(&path)
-        .args(["--app", "demo", "--device", "cli-1", "--ttl", "60", "--topics", "news,sport.*"])
+        .args([
+            "--app",
+            "demo",
+            "--device",
+            "cli-1",
+            "--ttl",
+            "60",
+            "--topics",
+            "news,sport.*",
+        ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let gw = Gateway::with_toml(&base_toml()).await;
     let mut d = gw.connect_token(&token).await;

@@ -41,7 +41,9 @@ async fn wss_connect_and_deliver() {
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let tls = connector.connect(name, tcp).await.expect("TLS handshake");
     let url = format!("wss://localhost/v1/connect?token={}", token("tls-1", &[]));
-    let (mut ws, _) = tokio_tungstenite::client_async(url, tls).await.expect("upgrade over TLS");
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tls)
+        .await
+        .expect("upgrade over TLS");
     let next = |m: Option<Result<Message, _>>| -> serde_json::Value {
         match m {
             Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
@@ -50,7 +52,8 @@ async fn wss_connect_and_deliver() {
     };
     let hello = next(tokio::time::timeout(WAIT, ws.next()).await.unwrap());
     assert_eq!(hello["t"], "hello");
-    gw.push(json!({"to": {"device": "tls-1"}, "data": "secure"})).await;
+    gw.push(json!({"to": {"device": "tls-1"}, "data": "secure"}))
+        .await;
     let m = next(tokio::time::timeout(WAIT, ws.next()).await.unwrap());
     assert_eq!(m["data"], "secure");
 
