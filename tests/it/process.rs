@@ -1,6 +1,8 @@
 //! The `pushgate` binary as a process: exit codes, signals and drain, the
 //! `check` and `token` commands, a startup failure.
 
+#![allow(dead_code)]
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
