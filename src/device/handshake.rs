@@ -296,21 +296,50 @@ where
     let decided = decide(ctx, &buf[..head_len], &mut headers);
     match decided {
         Ok((conn, allowed, exp, accept)) => {
+            // Registered from here on: if the write fails, or the handshake
+            // timeout drops this future mid-write, the guard unregisters.
+            let guard = Registered {
+                hub: &ctx.hub,
+                conn,
+                kept: false,
+            };
             let response = format!(
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
             );
-            if let Err(e) = stream.write_all(response.as_bytes()).await {
-                ctx.hub.unregister(&conn);
-                return Err(HandshakeError::Io(e));
-            }
+            stream
+                .write_all(response.as_bytes())
+                .await
+                .map_err(HandshakeError::Io)?;
             Ok(Admitted {
-                conn,
+                conn: guard.keep(),
                 allowed,
                 exp,
                 leftover: buf[head_len..].to_vec(),
             })
         }
         Err(r) => Err(refuse(stream, r).await),
+    }
+}
+
+/// Unregisters a connection from the hub unless kept.
+struct Registered<'a> {
+    hub: &'a crate::hub::Hub,
+    conn: ConnHandle,
+    kept: bool,
+}
+
+impl Registered<'_> {
+    fn keep(mut self) -> ConnHandle {
+        self.kept = true;
+        self.conn.clone()
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.hub.unregister(&self.conn);
+        }
     }
 }
 
