@@ -5,7 +5,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::hub::{ConnHandle, Frame, Hub, MsgKind, Out, Pushed};
@@ -58,28 +61,65 @@ pub struct FanoutJob {
     pub frame: Arc<Frame>,
 }
 
+/// Per-app bounded queues of accepted topic and broadcast messages. One
+/// queue per app, drained round-robin by one worker, so an app that queues
+/// a thousand broadcasts delays another app's next fan-out by at most one
+/// job, not by a thousand.
+struct Queues {
+    per_app: Box<[Mutex<VecDeque<FanoutJob>>]>,
+    capacity: usize,
+    ready: Notify,
+}
+
 /// The sending side, held by the API.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Fanout {
-    tx: mpsc::Sender<FanoutJob>,
+    queues: Arc<Queues>,
     metrics: Arc<Metrics>,
 }
 
-/// The queue is full: answer 429 `queue_full`.
+/// The receiving side, drained by [`run`].
+pub struct FanoutQueue {
+    queues: Arc<Queues>,
+}
+
+/// The app's queue is full: answer 429 `queue_full`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueFull;
 
+fn lock(q: &Mutex<VecDeque<FanoutJob>>) -> std::sync::MutexGuard<'_, VecDeque<FanoutJob>> {
+    // A queue of jobs stays consistent even if a holder panicked.
+    q.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Fanout {
-    /// A queue of `capacity` jobs and the receiving end for [`run`].
-    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> (Fanout, mpsc::Receiver<FanoutJob>) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        (Fanout { tx, metrics }, rx)
+    /// Queues of `capacity` jobs for each of `apps` apps.
+    pub fn new(apps: usize, capacity: usize, metrics: Arc<Metrics>) -> (Fanout, FanoutQueue) {
+        let queues = Arc::new(Queues {
+            per_app: (0..apps).map(|_| Mutex::new(VecDeque::new())).collect(),
+            capacity: capacity.max(1),
+            ready: Notify::new(),
+        });
+        (
+            Fanout {
+                queues: queues.clone(),
+                metrics,
+            },
+            FanoutQueue { queues },
+        )
     }
 
-    /// Queue a job, or refuse at once if the queue is full.
+    /// Queue a job, or refuse at once if its app's queue is full.
     pub fn try_send(&self, job: FanoutJob) -> Result<(), QueueFull> {
-        self.tx.try_send(job).map_err(|_| QueueFull)?;
+        {
+            let mut q = lock(&self.queues.per_app[job.app]);
+            if q.len() >= self.queues.capacity {
+                return Err(QueueFull);
+            }
+            q.push_back(job);
+        }
         self.metrics.fanout_queue_depth.inc();
+        self.queues.ready.notify_one();
         Ok(())
     }
 }
@@ -88,28 +128,101 @@ impl Fanout {
 /// million connections does not hold a runtime thread for its whole length.
 const YIELD_EVERY: usize = 4096;
 
-/// The fan-out worker: drains the queue until every sender is gone.
-pub async fn run(
-    mut rx: mpsc::Receiver<FanoutJob>,
-    hub: Arc<Hub>,
-    metrics: Arc<Metrics>,
-    queue_cap: usize,
-) {
-    while let Some(job) = rx.recv().await {
-        metrics.fanout_queue_depth.dec();
-        let targets = match &job.target {
-            FanoutTarget::Topic(t) => hub.topic_targets(job.app, t),
-            FanoutTarget::Broadcast => hub.app_targets(job.app),
-        };
-        let out = Out {
-            frame: job.frame,
-            seq: 0,
-        };
-        for chunk in targets.chunks(YIELD_EVERY) {
-            hand_out(chunk, &out, queue_cap, &metrics);
-            if chunk.len() == YIELD_EVERY {
-                tokio::task::yield_now().await;
-            }
+/// The fan-out worker: takes one job from each app's queue in turn, forever
+/// (the node aborts it at shutdown).
+pub async fn run(queue: FanoutQueue, hub: Arc<Hub>, metrics: Arc<Metrics>, queue_cap: usize) {
+    let queues = queue.queues;
+    loop {
+        let mut idle = true;
+        for app_queue in queues.per_app.iter() {
+            let Some(job) = lock(app_queue).pop_front() else {
+                continue;
+            };
+            idle = false;
+            metrics.fanout_queue_depth.dec();
+            fan_out(job, &hub, &metrics, queue_cap).await;
+            // Let the connections just woken write before the next job.
+            tokio::task::yield_now().await;
         }
+        if idle {
+            // A permit stored by a send since the queues were looked at
+            // makes this return at once: no wake-up is lost.
+            queues.ready.notified().await;
+        }
+    }
+}
+
+async fn fan_out(job: FanoutJob, hub: &Hub, metrics: &Metrics, queue_cap: usize) {
+    let targets = match &job.target {
+        FanoutTarget::Topic(t) => hub.topic_targets(job.app, t),
+        FanoutTarget::Broadcast => hub.app_targets(job.app),
+    };
+    let out = Out {
+        frame: job.frame,
+        seq: 0,
+    };
+    for chunk in targets.chunks(YIELD_EVERY) {
+        hand_out(chunk, &out, queue_cap, metrics);
+        if chunk.len() == YIELD_EVERY {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::Conn;
+
+    fn job(app: usize) -> FanoutJob {
+        FanoutJob {
+            app,
+            target: FanoutTarget::Broadcast,
+            frame: encode(
+                "id",
+                MsgTarget::Broadcast,
+                "1",
+                MsgKind::Broadcast,
+                Instant::now(),
+                false,
+            ),
+        }
+    }
+
+    #[test]
+    fn each_app_has_its_own_bound() {
+        let metrics = Arc::new(Metrics::new(&["a", "b"]).expect("metrics"));
+        let (fanout, _queue) = Fanout::new(2, 2, metrics);
+        assert!(fanout.try_send(job(0)).is_ok());
+        assert!(fanout.try_send(job(0)).is_ok());
+        assert_eq!(fanout.try_send(job(0)), Err(QueueFull));
+        // App b is not refused because app a's queue is full.
+        assert!(fanout.try_send(job(1)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn apps_take_turns() {
+        let hub = Arc::new(Hub::new([("a".to_string(), 10), ("b".to_string(), 10)]));
+        let metrics = Arc::new(Metrics::new(&["a", "b"]).expect("metrics"));
+        let a = Conn::new(1, 0, "da".into());
+        let b = Conn::new(2, 1, "db".into());
+        hub.register(&a).expect("register");
+        hub.register(&b).expect("register");
+        let (fanout, queue) = Fanout::new(2, 100, metrics.clone());
+        for _ in 0..50 {
+            fanout.try_send(job(0)).expect("queued");
+        }
+        fanout.try_send(job(1)).expect("queued");
+        let worker = tokio::spawn(run(queue, hub.clone(), metrics, 1000));
+        // App b's one job is handed out while app a still has most of its
+        // fifty waiting (round-robin), not after all of them.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while b.take().0.is_empty() {
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::task::yield_now().await;
+        }
+        let a_done = a.take().0.len();
+        assert!(a_done < 50, "app a got {a_done} of 50 before app b got 1");
+        worker.abort();
     }
 }

@@ -149,7 +149,8 @@ impl Node {
         ));
         let auth = Arc::new(Auth::new(&config));
         let drain = Arc::new(Drain::new());
-        let (fanout, fanout_rx) = Fanout::new(config.api.fanout_queue, metrics.clone());
+        let (fanout, fanout_rx) =
+            Fanout::new(config.apps.len(), config.api.fanout_queue, metrics.clone());
         let dispatcher = Arc::new(Dispatcher::new(
             hub.clone(),
             store.clone(),

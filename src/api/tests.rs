@@ -10,13 +10,12 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 use tower::ServiceExt;
 
 use super::{router, ApiState};
 use crate::auth::Auth;
 use crate::dispatch::Dispatcher;
-use crate::fanout::{Fanout, FanoutJob};
+use crate::fanout::{Fanout, FanoutQueue};
 use crate::hub::{Conn, ConnHandle, Hub};
 use crate::metrics::Metrics;
 use crate::protocol::CloseReason;
@@ -52,7 +51,7 @@ struct Fx {
     app: Router,
     state: Arc<ApiState>,
     /// Kept so the fan-out queue stays open (and fills up: no worker).
-    _rx: mpsc::Receiver<FanoutJob>,
+    _rx: FanoutQueue,
 }
 
 fn fixture() -> Fx {
@@ -69,7 +68,7 @@ fn fixture_with(store: Arc<dyn Store>, fanout_cap: usize) -> Fx {
             .iter()
             .map(|a| (a.id.clone(), a.max_connections)),
     ));
-    let (fanout, rx) = Fanout::new(fanout_cap, metrics.clone());
+    let (fanout, rx) = Fanout::new(config.apps.len(), fanout_cap, metrics.clone());
     let dispatcher = Dispatcher::new(
         hub,
         store,
