@@ -7,6 +7,7 @@
 
 mod support;
 
+mod crash;
 mod delivery;
 mod device;
 mod ops;

@@ -102,6 +102,14 @@ impl Proc {
         self.log.try_iter().collect()
     }
 
+    /// Kill the process (if still running) and keep its directory, to
+    /// start another one on the same files.
+    pub fn into_dir(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
     pub fn gateway(&self) -> Gateway {
         Gateway {
             node: None,

@@ -323,6 +323,44 @@ pub async fn http(
     raw_http(addr, req.as_bytes()).await
 }
 
+/// Like [`http`], but `None` instead of a panic when there is no complete
+/// answer (refused, reset, cut short): for peers that may die mid-request.
+pub async fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&str>,
+) -> Option<Resp> {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(k) = key {
+        req.push_str(&format!("Authorization: Bearer {k}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str("Content-Type: application/json\r\n");
+        req.push_str(&format!("Content-Length: {}\r\n\r\n{b}", b.len()));
+    } else {
+        req.push_str("\r\n");
+    }
+    let exchange = async {
+        let mut s = TcpStream::connect(addr).await.ok()?;
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = s.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return parse_resp(&buf);
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(resp) = parse_resp(&buf) {
+                return Some(resp);
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, exchange).await.ok().flatten()
+}
+
 /// Send raw bytes, read the whole answer (the server closes), parse it.
 pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> Resp {
     let mut s = TcpStream::connect(addr).await.unwrap();
