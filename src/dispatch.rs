@@ -15,7 +15,7 @@ use crate::hub::{Hub, MsgKind, Out, Pushed};
 use crate::limit::{retry_after_secs, RateLimiter};
 use crate::metrics::{DropReason, Metrics};
 use crate::protocol::{new_message_id, CloseReason, MsgTarget};
-use crate::store::{DeviceRecord, NewMessage, Store, StoreError};
+use crate::store::{AppendOutcome, DeviceRecord, NewMessage, Store, StoreError};
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
@@ -222,22 +222,30 @@ impl Dispatcher {
             return Ok((online, 0));
         }
 
-        let now = now_ms();
-        let new = NewMessage {
-            id: Arc::from(id),
-            data: Bytes::from(msg.data.clone()),
-            created_ms: now,
-            expires_ms: now.saturating_add(msg.ttl_secs.saturating_mul(1000)),
-            collapse_key: msg.collapse_key.as_deref().map(Arc::from),
-        };
+        let new = stored_message(id, msg, now_ms());
         let app_id = self.hub.app_id(app).clone();
         let refs: Vec<&str> = devices.iter().map(String::as_str).collect();
         let outcomes = self
             .store
             .append(&app_id, &refs, &new, self.max_pending)
             .await?;
+        Ok(self.hand_stored(app, id, devices, msg, accepted, &outcomes))
+    }
+
+    /// After a stored message's commit: count it and hand it to whichever
+    /// of its devices are connected. Returns (online, stored).
+    fn hand_stored(
+        &self,
+        app: usize,
+        id: &str,
+        devices: &[String],
+        msg: &Outgoing,
+        accepted: Instant,
+        outcomes: &[AppendOutcome],
+    ) -> (u64, u64) {
+        let mut online = 0;
         self.metrics.accepted(MsgKind::Device).inc();
-        for (d, outcome) in devices.iter().zip(&outcomes) {
+        for (d, outcome) in devices.iter().zip(outcomes) {
             if outcome.dropped > 0 {
                 self.metrics
                     .dropped(DropReason::PendingLimit)
@@ -272,7 +280,64 @@ impl Dispatcher {
                 Pushed::Full | Pushed::Closed => {}
             }
         }
-        Ok((online, outcomes.len() as u64))
+        (online, outcomes.len() as u64)
+    }
+
+    /// Accept the messages of one batch request, results in order (the
+    /// rate limit is the caller's). The stored device-directed ones go to
+    /// the store together (`Store::append_many`), so they share commits
+    /// instead of each waiting for the one before; messages to the same
+    /// device still get their seqs in request order. The others are
+    /// accepted one by one after them.
+    pub async fn accept_many(
+        &self,
+        app: usize,
+        msgs: Vec<Outgoing>,
+    ) -> Vec<Result<Accepted, DispatchError>> {
+        let accepted = Instant::now();
+        let now = now_ms();
+        let mut ids: Vec<Option<String>> = Vec::with_capacity(msgs.len());
+        let mut items: Vec<(Vec<&str>, NewMessage)> = Vec::new();
+        for msg in &msgs {
+            let devices = stored_devices(msg);
+            if devices.is_empty() {
+                ids.push(None);
+                continue;
+            }
+            let id = new_message_id();
+            items.push((
+                devices.iter().map(String::as_str).collect(),
+                stored_message(&id, msg, now),
+            ));
+            ids.push(Some(id));
+        }
+        let app_id = self.hub.app_id(app).clone();
+        let mut outcomes = self
+            .store
+            .append_many(&app_id, &items, self.max_pending)
+            .await
+            .into_iter();
+        drop(items);
+        let mut results = Vec::with_capacity(msgs.len());
+        for (msg, id) in msgs.into_iter().zip(ids) {
+            let result = match id {
+                None => self.accept(app, msg).await,
+                Some(id) => match outcomes.next() {
+                    Some(Ok(outcomes)) => {
+                        let devices = stored_devices(&msg);
+                        let (online, stored) =
+                            self.hand_stored(app, &id, devices, &msg, accepted, &outcomes);
+                        Ok(Accepted { id, online, stored })
+                    }
+                    Some(Err(e)) => Err(e.into()),
+                    None => Err(DispatchError::StoreUnavailable(
+                        "the store answered fewer messages than it was given".into(),
+                    )),
+                },
+            };
+            results.push(result);
+        }
+        results
     }
 
     /// `GET /devices/{device}`: the registry entry, whether it is connected
@@ -326,4 +391,25 @@ pub struct DeviceInfo {
     pub online: bool,
     pub record: DeviceRecord,
     pub topics: Vec<String>,
+}
+
+/// The devices a message is stored for: its device targets when ttl > 0.
+fn stored_devices(msg: &Outgoing) -> &[String] {
+    match &msg.target {
+        _ if msg.ttl_secs == 0 => &[],
+        Target::Device(d) => std::slice::from_ref(d),
+        Target::Devices(ds) => ds,
+        Target::Topic(_) | Target::Broadcast => &[],
+    }
+}
+
+/// What the store keeps of a device-directed message accepted at `now` (unix ms).
+fn stored_message(id: &str, msg: &Outgoing, now: u64) -> NewMessage {
+    NewMessage {
+        id: Arc::from(id),
+        data: Bytes::from(msg.data.clone()),
+        created_ms: now,
+        expires_ms: now.saturating_add(msg.ttl_secs.saturating_mul(1000)),
+        collapse_key: msg.collapse_key.as_deref().map(Arc::from),
+    }
 }

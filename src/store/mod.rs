@@ -112,6 +112,25 @@ pub trait Store: Send + Sync + 'static {
         max_pending: u64,
     ) -> Result<Vec<AppendOutcome>, StoreError>;
 
+    /// Store several messages of `app`, each for its devices, as if
+    /// `append` were called for each in turn (so messages to the same device
+    /// get seqs in slice order), but letting them share commits. One result
+    /// per item, in order; a failed item stored nothing, and a later item may
+    /// still succeed (after the store heals). This default really does call
+    /// `append` in turn; `redb` queues them all at once.
+    async fn append_many(
+        &self,
+        app: &str,
+        items: &[(Vec<&str>, NewMessage)],
+        max_pending: u64,
+    ) -> Vec<Result<Vec<AppendOutcome>, StoreError>> {
+        let mut out = Vec::with_capacity(items.len());
+        for (devices, msg) in items {
+            out.push(self.append(app, devices, msg, max_pending).await);
+        }
+        out
+    }
+
     /// Pending, unexpired (at `now_ms`) messages of a device with seq >
     /// `after_seq`, in seq order, at most `limit`.
     async fn pending(

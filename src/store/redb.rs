@@ -924,6 +924,52 @@ impl Store for RedbStore {
         }
     }
 
+    async fn append_many(
+        &self,
+        app: &str,
+        items: &[(Vec<&str>, NewMessage)],
+        max_pending: u64,
+    ) -> Vec<Result<Vec<AppendOutcome>, StoreError>> {
+        // Queued one after the other before waiting for any: the writer
+        // applies its queue in order, so seqs follow the slice, and the whole
+        // lot shares as few commits as `commit_max_batch` allows.
+        let app: Box<str> = app.into();
+        let waiting: Vec<_> = items
+            .iter()
+            .map(|(devices, msg)| {
+                if devices.is_empty() {
+                    return None;
+                }
+                let (reply, answer) = oneshot::channel();
+                let op = Op::Append {
+                    app: app.clone(),
+                    devices: devices.iter().map(|d| Box::from(*d)).collect(),
+                    msg: msg.clone(),
+                    max_pending,
+                };
+                let sent = match &self.requests {
+                    Some(requests) => requests.send(Request { op, reply }).is_ok(),
+                    None => false,
+                };
+                Some(sent.then_some(answer))
+            })
+            .collect();
+        let mut out = Vec::with_capacity(waiting.len());
+        for answer in waiting {
+            out.push(match answer {
+                None => Ok(Vec::new()),
+                Some(None) => Err(writer_gone()),
+                Some(Some(answer)) => match answer.await {
+                    Ok(Ok(Answer::Appended(outcomes))) => Ok(outcomes),
+                    Ok(Ok(_)) => Err(mismatch()),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(writer_gone()),
+                },
+            });
+        }
+        out
+    }
+
     async fn pending(
         &self,
         app: &str,
@@ -1276,6 +1322,42 @@ mod tests {
         let parity = |m: &StoredMessage| m.id[1..].parse::<u32>().expect("id m<i>") % 2;
         assert_ne!(parity(&pending[0]), parity(&pending[1]));
         assert_eq!(s.pending_total(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn append_many_keeps_order_and_shares_commits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = RedbStore::open(dir.path(), 4096, 0).expect("open");
+        let items: Vec<(Vec<&str>, NewMessage)> = (0..200)
+            .map(|i| {
+                let devices = if i % 3 == 0 {
+                    vec!["d", "e"]
+                } else {
+                    vec!["d"]
+                };
+                (devices, msg(&format!("m{i}"), 0, 1000, None))
+            })
+            .chain(std::iter::once((Vec::new(), msg("none", 0, 1000, None))))
+            .collect();
+        let before = s.commits();
+        let out = s.append_many("a", &items, 1000).await;
+        // One queue, one writer: at most a commit in progress plus one.
+        assert!(
+            s.commits() - before <= 2,
+            "{} commits",
+            s.commits() - before
+        );
+        let d_seqs: Vec<u64> = out[..200]
+            .iter()
+            .map(|r| r.as_ref().expect("append")[0].seq)
+            .collect();
+        assert_eq!(d_seqs, (1..=200).collect::<Vec<u64>>());
+        assert_eq!(out[3].as_ref().expect("append")[1].seq, 2);
+        assert!(out[200].as_ref().expect("no devices").is_empty());
+        let pending = s.pending("a", "d", 0, 0, 1000).await.expect("pending");
+        let ids: Vec<&str> = pending.iter().map(|m| &*m.id).collect();
+        let want: Vec<String> = (0..200).map(|i| format!("m{i}")).collect();
+        assert_eq!(ids, want.iter().map(String::as_str).collect::<Vec<_>>());
     }
 
     /// An in-memory backend whose writes and syncs fail on demand; clones

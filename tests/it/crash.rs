@@ -620,3 +620,75 @@ async fn full_disk_answers_503_store_unavailable_and_accepts_nothing() {
         first_503.unwrap_or_default()
     );
 }
+
+#[tokio::test]
+async fn batch_on_redb_keeps_request_order_per_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let p = Proc::start_in(dir, redb_config(&store));
+    let gw = p.gateway();
+    let mut live = gw.connect("b0").await;
+    // Interleaved targets, a multi-device one, a now-or-never one and a bad
+    // one: however the batch is stored, each device's seqs follow request order.
+    let mut messages = Vec::new();
+    for i in 0..120 {
+        messages.push(match i % 10 {
+            7 => json!({"to": {"devices": ["b0", "b1", "b2"]}, "data": {"n": i}}),
+            8 => json!({"to": {"device": "b1"}, "data": {"n": i}, "ttl": 0}),
+            9 => json!({"to": {"device": "b2"}, "data": {"n": i}, "bogus": 1}),
+            k => json!({"to": {"device": format!("b{}", k % 3)}, "data": {"n": i}}),
+        });
+    }
+    let r = gw
+        .api(
+            "POST",
+            "/v1/apps/demo/messages/batch",
+            Some(json!({ "messages": messages })),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let results = r.json()["results"].as_array().unwrap().clone();
+    for (i, res) in results.iter().enumerate() {
+        match i % 10 {
+            9 => assert_eq!(res["error"]["code"], "invalid", "{res}"),
+            _ => assert!(res["id"].is_string(), "{i}: {res}"),
+        }
+    }
+    let expect = |dev: usize| -> Vec<u64> {
+        (0..120u64)
+            .filter(|i| match i % 10 {
+                7 => true,
+                8 | 9 => false,
+                k => k as usize % 3 == dev,
+            })
+            .collect()
+    };
+    // Live, and again from the store after a reconnect.
+    let mut got = Vec::new();
+    for _ in 0..expect(0).len() {
+        let m = live.recv().await;
+        got.push((m["seq"].as_u64().unwrap(), m["data"]["n"].as_u64().unwrap()));
+    }
+    let want: Vec<(u64, u64)> = expect(0)
+        .into_iter()
+        .zip(1..)
+        .map(|(n, s)| (s, n))
+        .collect();
+    assert_eq!(got, want);
+    live.close().await;
+    for dev in 0..3 {
+        let mut d = gw.connect(&format!("b{dev}")).await;
+        let mut got = Vec::new();
+        for _ in 0..expect(dev).len() {
+            let m = d.recv().await;
+            got.push((m["seq"].as_u64().unwrap(), m["data"]["n"].as_u64().unwrap()));
+        }
+        let want: Vec<(u64, u64)> = expect(dev)
+            .into_iter()
+            .zip(1..)
+            .map(|(n, s)| (s, n))
+            .collect();
+        assert_eq!(got, want, "b{dev}");
+        d.expect_silence(Duration::from_millis(100)).await;
+    }
+}
