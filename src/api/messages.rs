@@ -380,8 +380,9 @@ pub async fn send(
 }
 
 /// `POST /v1/apps/{app}/messages/batch`: 200 with one result per message,
-/// in request order. Messages are handled one after the other, so messages
-/// to the same device get their seqs in request order.
+/// in request order. The accepted messages go to the dispatcher together
+/// (`Dispatcher::accept_many`), so their durable appends share commits;
+/// messages to the same device still get their seqs in request order.
 pub async fn batch(
     State(state): State<Arc<ApiState>>,
     caller: Caller,
@@ -390,17 +391,47 @@ pub async fn batch(
 ) -> Result<Response, ApiError> {
     let value = read_json_body(&headers, body, batch_body_limit(&state.messages)).await?;
     let messages = batch_messages(value)?;
-    let mut results = Vec::with_capacity(messages.len());
+    let mut results: Vec<Option<Value>> = Vec::with_capacity(messages.len());
+    let mut to_accept = Vec::new();
+    let mut slots = Vec::new();
     for (i, entry) in messages.into_iter().enumerate() {
-        let result = match parse_message(entry, &format!("messages[{i}]."), &state.messages) {
-            Ok(parsed) => submit(&state, caller.app, parsed).await,
+        let answer = match parse_message(entry, &format!("messages[{i}]."), &state.messages) {
+            Ok(parsed) if parsed.dry_run => Ok(accepted_json(
+                &state.dispatcher.dry_run(caller.app, &parsed.msg),
+                true,
+            )),
+            Ok(parsed) => match state.dispatcher.take_rate(caller.app) {
+                Ok(()) => {
+                    to_accept.push(parsed.msg);
+                    slots.push(i);
+                    results.push(None);
+                    continue;
+                }
+                Err(e) => Err(ApiError::from(e)),
+            },
             Err(e) => Err(e),
         };
-        results.push(match result {
-            Ok(v) => v,
-            Err(e) => serde_json::json!({"error": e.to_json()}),
+        results.push(Some(
+            answer.unwrap_or_else(|e| serde_json::json!({"error": e.to_json()})),
+        ));
+    }
+    let accepted = state.dispatcher.accept_many(caller.app, to_accept).await;
+    for (slot, result) in slots.into_iter().zip(accepted) {
+        results[slot] = Some(match result {
+            Ok(a) => accepted_json(&a, false),
+            Err(e) => serde_json::json!({"error": ApiError::from(e).to_json()}),
         });
     }
+    // accept_many answers every message it was given; the fallback only
+    // keeps the answer aligned with the request if that ever broke.
+    let results: Vec<Value> = results
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                serde_json::json!({"error": {"code": "store_unavailable", "message": "no answer for this message; retry it"}})
+            })
+        })
+        .collect();
     Ok(Json(serde_json::json!({"results": results})).into_response())
 }
 
