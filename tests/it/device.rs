@@ -285,7 +285,7 @@ async fn heartbeat_pings_and_idle_close() {
     }
     // Idle after 2 × 1 + 5 = 7 s, checked on the heartbeat tick: no bye.
     assert_eq!(close_code, Some(4009));
-    assert!(pings >= 5, "{pings} pings");
+    assert!(pings >= 3, "{pings} pings");
     assert!(
         idle_for >= Duration::from_secs(7),
         "closed after {idle_for:?}"
@@ -331,7 +331,7 @@ async fn handshake_rate_admission() {
     })
     .await;
     let mut statuses = Vec::new();
-    for i in 0..4 {
+    for i in 0..6 {
         let req = upgrade_request(
             &format!("/v1/connect?token={}", token(&format!("d{i}"), &[])),
             "",
@@ -343,11 +343,11 @@ async fn handshake_rate_admission() {
         }
         statuses.push(r.status);
     }
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 101).count(),
-        2,
-        "{statuses:?}"
-    );
+    // A burst of one second's worth is admitted, the rest refused; on a
+    // slow machine a token may refill between requests, so bound, not pin.
+    let admitted = statuses.iter().filter(|s| **s == 101).count();
+    assert!((2..=4).contains(&admitted), "{statuses:?}");
+    assert!(statuses.contains(&503), "{statuses:?}");
 }
 
 #[tokio::test]

@@ -197,11 +197,12 @@ async fn rate_limit_per_app() {
         }
         statuses.push(r.status);
     }
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 202).count(),
-        3,
-        "{statuses:?}"
-    );
+    // The burst (3) is accepted, then refusals; a token may refill on a
+    // slow machine, so bound rather than pin the count.
+    let accepted = statuses.iter().filter(|s| **s == 202).count();
+    assert!((3..=5).contains(&accepted), "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(statuses[..3].iter().all(|s| *s == 202), "{statuses:?}");
     // The other app is not limited by demo's budget.
     let body = json!({"to": {"device": "d1"}, "data": 1}).to_string();
     let r = http(
