@@ -258,8 +258,26 @@ fn truncate(s: &str, max: usize) -> &str {
 
 /// Append `s` as a JSON string literal (quotes included).
 fn push_json_str(out: &mut String, s: &str) {
-    // serde_json's escaping is the reference; a String never fails to encode.
-    out.push_str(&serde_json::Value::from(s).to_string());
+    // Escaped in place: this runs for every frame encoded, and going
+    // through a serde_json::Value cost two allocations per string. The
+    // output is what serde_json writes (checked in the tests).
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 /// The `hello` frame.
@@ -461,6 +479,25 @@ mod tests {
             r#"{"t":"bye","reason":"draining","retry_ms":1234}"#
         );
         assert_eq!(frames[10], r#"{"t":"bye","reason":"replaced"}"#);
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_does() {
+        for input in [
+            "plain",
+            "quote \" and backslash \\",
+            "ctl \n\r\t\u{08}\u{0c}\u{01}\u{1f}",
+            "non-ascii é ✓ \u{7f}",
+            "",
+        ] {
+            let mut ours = String::new();
+            push_json_str(&mut ours, input);
+            assert_eq!(
+                ours,
+                serde_json::Value::from(input).to_string(),
+                "{input:?}"
+            );
+        }
     }
 
     #[test]
