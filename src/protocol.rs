@@ -4,8 +4,6 @@
 
 use std::fmt::Write as _;
 
-use serde::Deserialize;
-
 /// Is `s` a valid app id: `[a-z0-9][a-z0-9_-]{0,63}`.
 pub fn valid_app_id(s: &str) -> bool {
     let b = s.as_bytes();
@@ -186,52 +184,38 @@ impl FrameRefusal {
     }
 }
 
-#[derive(Deserialize)]
-struct RawFrame<'a> {
-    #[serde(default)]
-    t: Option<serde_json::Value>,
-    #[serde(default)]
-    seq: Option<serde_json::Value>,
-    #[serde(default, borrow)]
-    topic: Option<std::borrow::Cow<'a, str>>,
-}
-
-/// Parse a device text frame. Topic names are checked for validity here
-/// (`bad_frame`); permissions are the caller's business.
+/// Parse a device text frame (one JSON parse). Topic names are checked for
+/// validity here (`bad_frame`); permissions are the caller's business.
 pub fn parse_device_frame(text: &str) -> Result<DeviceFrame, FrameRefusal> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| FrameRefusal::bad(format!("invalid JSON: {e}")))?;
-    if !value.is_object() {
+    let Some(obj) = value.as_object() else {
         return Err(FrameRefusal::bad("a frame must be a JSON object"));
-    }
-    let raw: RawFrame<'_> = match serde_json::from_str(text) {
-        Ok(r) => r,
-        Err(e) => return Err(FrameRefusal::bad(format!("invalid frame: {e}"))),
     };
-    let t = match raw.t {
-        Some(serde_json::Value::String(t)) => t,
+    let t = match obj.get("t") {
+        Some(serde_json::Value::String(t)) => t.as_str(),
         Some(_) => return Err(FrameRefusal::bad("field `t` must be a string")),
         None => return Err(FrameRefusal::bad("field `t` is missing")),
     };
-    match t.as_str() {
+    match t {
         "ack" => {
-            let seq = raw
-                .seq
-                .as_ref()
+            let seq = obj
+                .get("seq")
                 .and_then(|v| v.as_u64())
                 .ok_or_else(|| FrameRefusal::bad("ack needs `seq`, an unsigned integer"))?;
             Ok(DeviceFrame::Ack { seq })
         }
         "sub" | "unsub" => {
-            let topic = raw
-                .topic
+            let topic = obj
+                .get("topic")
+                .and_then(|v| v.as_str())
                 .ok_or_else(|| FrameRefusal::bad(format!("{t} needs `topic`, a string")))?;
-            if !valid_topic(&topic) {
+            if !valid_topic(topic) {
                 return Err(FrameRefusal::bad(
                     "`topic` must be 1-128 bytes of [A-Za-z0-9._:-]",
                 ));
             }
-            let topic = topic.into_owned();
+            let topic = topic.to_string();
             Ok(if t == "sub" {
                 DeviceFrame::Sub { topic }
             } else {
