@@ -145,45 +145,15 @@ impl Dispatcher {
                     .await?
             }
             Target::Devices(ds) => self.accept_devices(app, &id, ds, &msg, accepted).await?,
-            Target::Topic(topic) => {
-                let frame = fanout::encode(
-                    &id,
-                    MsgTarget::Topic(topic),
-                    &msg.data,
-                    MsgKind::Topic,
-                    accepted,
-                    false,
-                );
-                let online = self.hub.topic_count(app, topic);
-                self.fanout
-                    .try_send(FanoutJob {
-                        app,
-                        target: FanoutTarget::Topic(Arc::from(topic.as_str())),
-                        frame,
-                    })
-                    .map_err(|_| DispatchError::QueueFull)?;
-                self.metrics.accepted(MsgKind::Topic).inc();
-                (online, 0)
-            }
+            Target::Topic(topic) => self.queue_fan_out(
+                app,
+                &id,
+                &msg.data,
+                FanoutTarget::Topic(Arc::from(topic.as_str())),
+                accepted,
+            )?,
             Target::Broadcast => {
-                let frame = fanout::encode(
-                    &id,
-                    MsgTarget::Broadcast,
-                    &msg.data,
-                    MsgKind::Broadcast,
-                    accepted,
-                    false,
-                );
-                let online = self.hub.connected(app);
-                self.fanout
-                    .try_send(FanoutJob {
-                        app,
-                        target: FanoutTarget::Broadcast,
-                        frame,
-                    })
-                    .map_err(|_| DispatchError::QueueFull)?;
-                self.metrics.accepted(MsgKind::Broadcast).inc();
-                (online, 0)
+                self.queue_fan_out(app, &id, &msg.data, FanoutTarget::Broadcast, accepted)?
             }
         };
         Ok(Accepted {
@@ -191,6 +161,36 @@ impl Dispatcher {
             online: result.0,
             stored: result.1,
         })
+    }
+
+    /// Encode a topic or broadcast message once and queue it for fan-out.
+    /// Returns (online, stored): the targets on this node now, and 0.
+    fn queue_fan_out(
+        &self,
+        app: usize,
+        id: &str,
+        data: &str,
+        target: FanoutTarget,
+        accepted: Instant,
+    ) -> Result<(u64, u64), DispatchError> {
+        let (wire, kind, online) = match &target {
+            FanoutTarget::Topic(t) => (
+                MsgTarget::Topic(t),
+                MsgKind::Topic,
+                self.hub.topic_count(app, t),
+            ),
+            FanoutTarget::Broadcast => (
+                MsgTarget::Broadcast,
+                MsgKind::Broadcast,
+                self.hub.connected(app),
+            ),
+        };
+        let frame = fanout::encode(id, wire, data, kind, accepted, false);
+        self.fanout
+            .try_send(FanoutJob { app, target, frame })
+            .map_err(|_| DispatchError::QueueFull)?;
+        self.metrics.accepted(kind).inc();
+        Ok((online, 0))
     }
 
     async fn accept_devices(

@@ -113,14 +113,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<DeviceCtx>, tls: Option<TlsAc
             return; // never closed
         };
         let (tcp, peer) = crate::net::accept_tuned(&listener, &mut backoff).await;
-        let incoming = Incoming {
-            ctx: ctx.clone(),
-            stream: tcp,
-            peer,
-            permit,
-            deadline: tokio::time::Instant::now()
-                + Duration::from_secs(ctx.cfg.handshake_timeout_secs),
-        };
+        let incoming = Incoming::new(ctx.clone(), tcp, peer, permit);
         // Two task types rather than one matching on `tls`: a task is as
         // large as its largest state, and plaintext connections must not
         // pay for the TLS stream's.
@@ -139,6 +132,22 @@ struct Incoming<S> {
     /// Held until the upgrade ends: bounds handshakes in progress.
     permit: OwnedSemaphorePermit,
     deadline: tokio::time::Instant,
+}
+
+impl<S> Incoming<S> {
+    /// Accepted now: the whole upgrade (TLS included) must end within
+    /// `handshake_timeout_secs` from here.
+    fn new(ctx: Arc<DeviceCtx>, stream: S, peer: SocketAddr, permit: OwnedSemaphorePermit) -> Self {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(ctx.cfg.handshake_timeout_secs);
+        Incoming {
+            ctx,
+            stream,
+            peer,
+            permit,
+            deadline,
+        }
+    }
 }
 
 type Accepting<S> = Pin<Box<dyn Future<Output = Option<Connection<S>>> + Send>>;
@@ -237,15 +246,7 @@ where
     let Ok(permit) = Arc::new(Semaphore::new(1)).acquire_owned().await else {
         return;
     };
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_secs(ctx.cfg.handshake_timeout_secs);
-    let incoming = Incoming {
-        ctx,
-        stream,
-        peer: SocketAddr::from(([0, 0, 0, 0], 0)),
-        permit,
-        deadline,
-    };
+    let incoming = Incoming::new(ctx, stream, SocketAddr::from(([0, 0, 0, 0], 0)), permit);
     drive(Box::pin(upgrade(incoming))).await
 }
 
