@@ -176,4 +176,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Make everything written so far durable (shutdown).
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// Make everything durable and let go of the store's files, so that a new
+    /// process can open them (a hand-over restart). Every later call fails
+    /// with `Unavailable` until [`Store::reacquire`]. The in-memory store
+    /// has no files: it only flushes.
+    async fn release(&self) -> Result<(), StoreError> {
+        self.flush().await
+    }
+
+    /// Open the files again after [`Store::release`] (the hand-over was
+    /// abandoned). Ok at once if they were never let go.
+    async fn reacquire(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

@@ -40,7 +40,7 @@
 use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -102,6 +102,8 @@ struct Shared {
     pending_total: AtomicU64,
     /// Write transactions committed since open.
     commits: AtomicU64,
+    /// The files were let go for a new process (hand-over restart).
+    released: AtomicBool,
 }
 
 struct Request {
@@ -138,9 +140,18 @@ enum Op {
         now_ms: u64,
     },
     Flush,
+    /// Commit durably, then close the file (hand-over restart).
+    Release,
+    /// Open the file again after `Release`.
+    Reacquire,
 }
 
 impl Op {
+    /// Handled by the writer itself, alone, after the requests before it.
+    fn is_control(&self) -> bool {
+        matches!(self, Op::Release | Op::Reacquire)
+    }
+
     /// Whether the caller may only hear back once the batch is fsynced.
     fn needs_durable(&self) -> bool {
         matches!(self, Op::Append { .. } | Op::Purge { .. } | Op::Flush)
@@ -201,6 +212,7 @@ impl RedbStore {
             db: RwLock::new(Some(db.clone())),
             pending_total: AtomicU64::new(pending_total),
             commits: AtomicU64::new(0),
+            released: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -216,6 +228,7 @@ impl RedbStore {
             max_wait: Duration::from_micros(commit_max_wait_us),
             expired_unreported: 0,
             unsynced: false,
+            released: false,
         };
         let handle = std::thread::Builder::new()
             .name("pushgate-store".into())
@@ -236,7 +249,11 @@ impl RedbStore {
             .expect("store db slot poisoned: the writer panicked while swapping it")
             .clone()
             .ok_or_else(|| {
-                StoreError::Unavailable("store is reopening after a write failure".into())
+                StoreError::Unavailable(if self.shared.released.load(Ordering::SeqCst) {
+                    RELEASED.into()
+                } else {
+                    "store is reopening after a write failure".into()
+                })
             })
     }
 
@@ -277,6 +294,9 @@ impl Drop for RedbStore {
         }
     }
 }
+
+/// Why every call fails after a hand-over.
+const RELEASED: &str = "store handed over to another process";
 
 fn writer_gone() -> StoreError {
     StoreError::Unavailable("store writer stopped".into())
@@ -427,6 +447,8 @@ struct Writer {
     expired_unreported: u64,
     /// Whether a commit without fsync happened since the last durable one.
     unsynced: bool,
+    /// The file is closed for another process (`Op::Release`).
+    released: bool,
 }
 
 /// What a committed batch changed in the shared counters.
@@ -458,8 +480,29 @@ impl Writer {
             };
             batch.push(first);
             self.fill(&mut batch);
-            let durable = batch.iter().any(|r| r.op.needs_durable());
-            self.process(&mut batch, durable);
+            // `fill` stops at a control request: it can only be the last.
+            let control = match batch.last() {
+                Some(r) if r.op.is_control() => batch.pop(),
+                _ => None,
+            };
+            let release = matches!(
+                control,
+                Some(Request {
+                    op: Op::Release,
+                    ..
+                })
+            );
+            let durable = release || batch.iter().any(|r| r.op.needs_durable());
+            if !batch.is_empty() || release {
+                self.process(&mut batch, durable);
+            }
+            if let Some(request) = control {
+                let result = match request.op {
+                    Op::Release => self.release(),
+                    _ => self.reacquire(),
+                };
+                let _ = request.reply.send(result.map(|()| Answer::Done));
+            }
         }
         // Dropping the database makes any non-durable commits durable.
     }
@@ -470,7 +513,13 @@ impl Writer {
         let deadline = Instant::now() + self.max_wait;
         while batch.len() < self.max_batch {
             match self.rx.try_recv() {
-                Ok(request) => batch.push(request),
+                Ok(request) => {
+                    let control = request.op.is_control();
+                    batch.push(request);
+                    if control {
+                        break;
+                    }
+                }
                 Err(mpsc::TryRecvError::Disconnected) => break,
                 Err(mpsc::TryRecvError::Empty) => {
                     if self.max_wait.is_zero() || !batch.iter().any(|r| r.op.needs_durable()) {
@@ -481,7 +530,13 @@ impl Writer {
                         break;
                     }
                     match self.rx.recv_timeout(deadline - now) {
-                        Ok(request) => batch.push(request),
+                        Ok(request) => {
+                            let control = request.op.is_control();
+                            batch.push(request);
+                            if control {
+                                break;
+                            }
+                        }
                         Err(_) => break,
                     }
                 }
@@ -536,6 +591,9 @@ impl Writer {
     /// `reopen_interval`) so that a passing fault (disk full) heals without
     /// restarting the gateway.
     fn ensure_open(&mut self) -> Result<(), String> {
+        if self.released {
+            return Err(RELEASED.into());
+        }
         let Some(why) = self.broken.clone() else {
             return Ok(());
         };
@@ -558,11 +616,35 @@ impl Writer {
         }
     }
 
-    fn reopen_db(&mut self) -> Result<(), StoreError> {
-        // The old handle holds the file lock: every copy of it must be gone
-        // first. Readers hold theirs for one read at most.
-        let slot = &self.shared.db;
-        slot.write()
+    /// Closes the file so that another process can open it; everything
+    /// before was committed durably by the caller. Every later request fails
+    /// until `reacquire`.
+    fn release(&mut self) -> Result<(), StoreError> {
+        self.shared.released.store(true, Ordering::SeqCst);
+        self.released = true;
+        self.unsynced = false;
+        self.close_db();
+        Ok(())
+    }
+
+    /// Opens the file again after `release` (the other process gave up).
+    fn reacquire(&mut self) -> Result<(), StoreError> {
+        if !self.released {
+            return Ok(());
+        }
+        self.reopen_db()?;
+        self.broken = None;
+        self.released = false;
+        self.shared.released.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Drops every handle of the database, which releases its file lock.
+    /// Readers hold theirs for one read at most.
+    fn close_db(&mut self) {
+        self.shared
+            .db
+            .write()
             .expect("store db slot poisoned: the writer panicked while swapping it")
             .take();
         if let Some(old) = self.db.take() {
@@ -571,6 +653,12 @@ impl Writer {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
+    }
+
+    fn reopen_db(&mut self) -> Result<(), StoreError> {
+        // The old handle holds the file lock: every copy of it must be gone first.
+        self.close_db();
+        let slot = &self.shared.db;
         let db = (self.reopen)()?;
         let stored = init_tables(&db, &self.label)?;
         // The failed commit may or may not have landed: count again.
@@ -692,6 +780,8 @@ impl<'t> Tables<'t> {
                 Answer::Count(expired)
             }
             Op::Flush => Answer::Done,
+            // The writer takes these out of the batch before applying it.
+            Op::Release | Op::Reacquire => Answer::Done,
         })
     }
 
@@ -1086,6 +1176,14 @@ impl Store for RedbStore {
     async fn flush(&self) -> Result<(), StoreError> {
         self.call(Op::Flush).await.map(|_| ())
     }
+
+    async fn release(&self) -> Result<(), StoreError> {
+        self.call(Op::Release).await.map(|_| ())
+    }
+
+    async fn reacquire(&self) -> Result<(), StoreError> {
+        self.call(Op::Reacquire).await.map(|_| ())
+    }
 }
 
 #[cfg(test)]
@@ -1219,6 +1317,51 @@ mod tests {
             Err(other) => panic!("expected Locked, got {other}"),
             Ok(_) => panic!("expected Locked, opened twice"),
         }
+    }
+
+    #[tokio::test]
+    async fn release_hands_the_file_to_another_store_and_reacquire_takes_it_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = open(dir.path());
+        old.append("a", &["d"], &msg("m1", 0, 10_000, None), 10)
+            .await
+            .expect("append");
+        // An ack is not durable at return: the release must make it so.
+        old.append("a", &["d"], &msg("m2", 0, 10_000, None), 10)
+            .await
+            .expect("append");
+        old.ack("a", "d", 1).await.expect("ack");
+        old.release().await.expect("release");
+        for result in [
+            old.ack("a", "d", 2).await.map(|_| ()),
+            old.pending("a", "d", 0, 0, 10).await.map(|_| ()),
+            old.append("a", &["d"], &msg("lost", 0, 10_000, None), 10)
+                .await
+                .map(|_| ()),
+        ] {
+            match result {
+                Err(StoreError::Unavailable(why)) => assert!(why.contains("handed over"), "{why}"),
+                other => panic!("expected Unavailable after release, got {other:?}"),
+            }
+        }
+
+        let new = open(dir.path());
+        assert_eq!(seqs(&new, "a", "d", 0).await, [2]);
+        let out = new
+            .append("a", &["d"], &msg("m3", 0, 10_000, None), 10)
+            .await
+            .expect("append");
+        assert_eq!(out[0].seq, 3);
+        // The old one cannot take it back while the new one holds it.
+        assert!(matches!(old.reacquire().await, Err(StoreError::Locked(_))));
+        drop(new);
+        old.reacquire().await.expect("reacquire");
+        assert_eq!(seqs(&old, "a", "d", 0).await, [2, 3]);
+        let out = old
+            .append("a", &["d"], &msg("m4", 0, 10_000, None), 10)
+            .await
+            .expect("append after reacquire");
+        assert_eq!(out[0].seq, 4);
     }
 
     #[tokio::test]
