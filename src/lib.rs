@@ -8,6 +8,7 @@ pub mod config;
 pub mod device;
 pub mod dispatch;
 pub mod fanout;
+pub mod handoff;
 pub mod hub;
 pub mod limit;
 pub mod metrics;

@@ -42,6 +42,9 @@ enum Command {
     #[command(
         long_about = "Run the gateway until SIGTERM or SIGINT, then drain the connected \
                       devices and exit 0 (a second signal exits at once with 1).\n\n\
+                      On SIGHUP (`systemctl reload`) start this binary again with \
+                      --takeover: the new process takes the listeners and the store over, \
+                      this one drains its devices and exits 0; nothing is refused.\n\n\
                       Give exactly one of --config FILE and --dev. Logs go to stderr; \
                       RUST_LOG filters them (default: info)."
     )]
@@ -78,6 +81,12 @@ struct ServeArgs {
     /// device token and a curl line to try it.
     #[arg(long)]
     dev: bool,
+    /// Take over from a gateway running on the same store (a deploy): receive
+    /// its listening sockets and its store through the control socket in the
+    /// store directory; it then drains its devices and exits. With no gateway
+    /// running, start as usual. `systemctl reload` (SIGHUP) does this for you.
+    #[arg(long)]
+    takeover: bool,
     /// How logs are written to stderr: `text` for people, `json` for machines.
     #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -159,6 +168,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     let options = RunOptions {
         dev_banner: false,
         activated,
+        takeover: args.takeover,
     };
     runtime.block_on(node::run(config, options))
 }

@@ -512,6 +512,55 @@ pub async fn accept_tuned(
     }
 }
 
+/// The API's listener for `axum::serve`: accepts like [`accept_tuned`]
+/// while `accepting` is true, and leaves connections in the backlog while it
+/// is false (a new process is taking the listener over).
+pub struct GatedListener {
+    inner: tokio::net::TcpListener,
+    accepting: tokio::sync::watch::Receiver<bool>,
+    backoff: AcceptBackoff,
+}
+
+impl GatedListener {
+    pub fn new(
+        inner: tokio::net::TcpListener,
+        accepting: tokio::sync::watch::Receiver<bool>,
+    ) -> GatedListener {
+        GatedListener {
+            inner,
+            accepting,
+            backoff: AcceptBackoff::new(),
+        }
+    }
+}
+
+impl axum::serve::Listener for GatedListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let GatedListener {
+            inner,
+            accepting,
+            backoff,
+        } = self;
+        loop {
+            if accepting.wait_for(|on| *on).await.is_err() {
+                // The node is gone: nothing more to accept.
+                std::future::pending::<()>().await;
+            }
+            tokio::select! {
+                accepted = accept_tuned(inner, backoff) => return accepted,
+                _ = accepting.wait_for(|on| !*on) => {}
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -24,6 +24,13 @@ pub fn notify_ready() {
     send_logged("READY=1");
 }
 
+/// `MAINPID=…`: after a hand-over restart this process, not the one systemd
+/// started, is the service (the unit needs `NotifyAccess=all` for systemd
+/// to take it from us).
+pub fn notify_main_pid() {
+    send_logged(&format!("MAINPID={}", std::process::id()));
+}
+
 /// `STOPPING=1`: the drain has begun. `systemctl status` shows "deactivating".
 pub fn notify_stopping() {
     send_logged("STOPPING=1");

@@ -27,6 +27,7 @@ use crate::dispatch::Dispatcher;
 use crate::shutdown::Drain;
 
 pub mod error;
+pub mod forward;
 pub mod messages;
 #[cfg(test)]
 mod tests;
@@ -41,6 +42,8 @@ pub struct ApiState {
     pub messages: MessagesConfig,
     /// App ids in config order: `app_ids[i]` is app number `i`.
     pub app_ids: Vec<Arc<str>>,
+    /// Set during a hand-over restart: calls go to the new process.
+    pub forwarding: Arc<forward::Forwarding>,
 }
 
 /// The API's routes, ready to serve (or to test with `oneshot`).
@@ -57,13 +60,18 @@ pub fn router(state: Arc<ApiState>) -> Router {
         // Must follow the routes: it is installed on those already added.
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), drain_gate))
+        .layer(middleware::from_fn_with_state(state.clone(), gate))
         .with_state(state)
 }
 
-/// While draining, every `/v1/…` call is refused with 503 `draining` before
-/// anything else is looked at; calls already past this point finish.
-async fn drain_gate(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+/// Before anything else is looked at: after a hand-over every call is
+/// forwarded to the new process; while draining, every `/v1/…` call is
+/// refused with 503 `draining`. Calls already past this point finish.
+async fn gate(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    let _served_here = match state.forwarding.enter() {
+        Ok(call) => call,
+        Err(to) => return forward::forward(to, req).await,
+    };
     let path = req.uri().path();
     if state.drain.is_draining() && (path == "/v1" || path.starts_with("/v1/")) {
         return ApiError::draining().into_response();

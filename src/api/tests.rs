@@ -82,6 +82,7 @@ fn fixture_with(store: Arc<dyn Store>, fanout_cap: usize) -> Fx {
         dispatcher: Arc::new(dispatcher),
         auth: Arc::new(Auth::new(&config)),
         drain: Arc::new(Drain::new()),
+        forwarding: Default::default(),
         messages: config.messages.clone(),
         app_ids: config
             .apps

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -105,14 +105,29 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
 /// is taken before `accept()`, so a handshake flood pushes back into the
 /// kernel's backlog instead of piling up here; `accept()` errors such as
 /// EMFILE back off instead of spinning.
-pub async fn serve(listener: TcpListener, ctx: Arc<DeviceCtx>, tls: Option<TlsAcceptor>) {
+///
+/// While `accepting` is false (a new process is taking the listener over)
+/// nothing is accepted: connections wait in the kernel's backlog, which the
+/// new process shares.
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<DeviceCtx>,
+    tls: Option<TlsAcceptor>,
+    mut accepting: watch::Receiver<bool>,
+) {
     let permits = Arc::new(Semaphore::new(ctx.cfg.max_pending_handshakes));
     let mut backoff = crate::net::AcceptBackoff::new();
     loop {
+        if accepting.wait_for(|on| *on).await.is_err() {
+            return; // the node is gone
+        }
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return; // never closed
         };
-        let (tcp, peer) = crate::net::accept_tuned(&listener, &mut backoff).await;
+        let (tcp, peer) = tokio::select! {
+            accepted = crate::net::accept_tuned(&listener, &mut backoff) => accepted,
+            _ = accepting.wait_for(|on| !*on) => continue,
+        };
         let incoming = Incoming::new(ctx.clone(), tcp, peer, permit);
         // Two task types rather than one matching on `tls`: a task is as
         // large as its largest state, and plaintext connections must not

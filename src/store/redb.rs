@@ -509,7 +509,11 @@ impl Writer {
 
     /// Adds queued requests to `batch`, waiting up to `max_wait` for more
     /// while the batch has something to fsync.
+    /// Stops after a control request: it must end its batch.
     fn fill(&self, batch: &mut Vec<Request>) {
+        if batch.last().is_some_and(|r| r.op.is_control()) {
+            return;
+        }
         let deadline = Instant::now() + self.max_wait;
         while batch.len() < self.max_batch {
             match self.rx.try_recv() {
@@ -1362,6 +1366,33 @@ mod tests {
             .await
             .expect("append after reacquire");
         assert_eq!(out[0].seq, 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn release_amid_appends_keeps_every_ok_and_lets_go_of_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = Arc::new(open(dir.path()));
+        let appends: Vec<_> = (0..300)
+            .map(|i| {
+                let s = old.clone();
+                tokio::spawn(async move {
+                    let m = msg(&format!("m{i}"), 0, 10_000, None);
+                    s.append("a", &[&format!("d{}", i % 7)], &m, 1000)
+                        .await
+                        .is_ok()
+                })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        old.release().await.expect("release");
+        let mut ok = 0;
+        for a in appends {
+            ok += u64::from(a.await.expect("task"));
+        }
+        // Opens at once: the file was let go even with requests queued
+        // behind the release.
+        let new = open(dir.path());
+        assert_eq!(new.pending_total(), ok);
     }
 
     #[tokio::test]

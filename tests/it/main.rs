@@ -12,4 +12,5 @@ mod delivery;
 mod device;
 mod ops;
 mod process;
+mod restart;
 mod tls;

@@ -33,9 +33,23 @@ impl Proc {
     pub fn start_in(dir: tempfile::TempDir, edit: impl FnOnce(String) -> String) -> Proc {
         let path = dir.path().join("pushgate.toml");
         std::fs::write(&path, edit(base_toml())).unwrap();
+        Proc::spawn(dir, &[])
+    }
+
+    /// Start `pushgate serve` on the config file already in `dir`, with
+    /// `extra` arguments (e.g. `--takeover`).
+    pub fn spawn(dir: tempfile::TempDir, extra: &[&str]) -> Proc {
+        let path = dir.path().join("pushgate.toml");
+        Proc::spawn_config(&path, extra, dir)
+    }
+
+    /// Start `pushgate serve --config PATH EXTRA…`; `dir` is kept (and
+    /// removed) with the process.
+    pub fn spawn_config(path: &std::path::Path, extra: &[&str], dir: tempfile::TempDir) -> Proc {
         let mut child = Command::new(BIN)
             .args(["serve", "--config"])
-            .arg(&path)
+            .arg(path)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -52,10 +66,15 @@ impl Proc {
         });
         let mut device = None;
         let mut api = None;
+        let mut seen = Vec::new();
         while device.is_none() || api.is_none() {
-            let line = rx
-                .recv_timeout(WAIT)
-                .unwrap_or_else(|_| panic!("gateway did not report its addresses"));
+            let line = rx.recv_timeout(WAIT).unwrap_or_else(|_| {
+                panic!(
+                    "gateway did not report its addresses; it said:\n{}",
+                    seen.join("\n")
+                )
+            });
+            seen.push(line.clone());
             let field = |name: &str| {
                 line.split_whitespace()
                     .find_map(|w| w.strip_prefix(name))
