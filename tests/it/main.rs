@@ -7,6 +7,7 @@
 
 mod support;
 
+mod activation;
 mod crash;
 mod delivery;
 mod device;

@@ -55,15 +55,7 @@ impl Proc {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = read_lines(child.stderr.take().unwrap());
         let mut device = None;
         let mut api = None;
         let mut seen = Vec::new();
@@ -134,6 +126,68 @@ impl Proc {
             node: None,
             device: self.device,
             api: self.api,
+        }
+    }
+}
+
+impl Proc {
+    /// SIGTERM a gateway that is nobody's child here (a successor started
+    /// by SIGHUP) and wait until it is gone.
+    pub fn stop_pid(pid: u32) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM {pid}");
+        let deadline = std::time::Instant::now() + WAIT;
+        let gone = || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            // A zombie waiting for its new parent to reap it has exited too.
+            Ok(stat) => stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        };
+        while !gone() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pid {pid} did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The lines a process writes to `stream`, as they come.
+pub fn read_lines(
+    stream: impl std::io::Read + Send + 'static,
+) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Lines from `log` up to and including the first containing `needle`
+/// (bounded wait).
+pub fn lines_until(log: &std::sync::mpsc::Receiver<String>, needle: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    loop {
+        match log.recv_timeout(WAIT) {
+            Ok(line) => {
+                let found = line.contains(needle);
+                lines.push(line);
+                if found {
+                    return lines;
+                }
+            }
+            Err(_) => panic!("no line with {needle:?}; got:\n{}", lines.join("\n")),
         }
     }
 }

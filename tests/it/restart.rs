@@ -497,25 +497,7 @@ async fn sighup_starts_a_successor_that_takes_over() {
     );
 
     // The successor is nobody's child here: stop it by pid.
-    let ok = std::process::Command::new("kill")
-        .args(["-TERM", &successor.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    let deadline = Instant::now() + WAIT;
-    let gone = || match std::fs::read_to_string(format!("/proc/{successor}/stat")) {
-        Err(_) => true,
-        // A zombie waiting for its new parent to reap it has exited too.
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-    };
-    while !gone() {
-        assert!(Instant::now() < deadline, "the successor did not exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    Proc::stop_pid(successor);
 }
 
 /// A successor that goes away after the old process released the store (a
