@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 use crate::api::Api;
 use crate::cli::{BenchOpts, LoadOpts, Scenario, StoreKind};
 use crate::results::{BenchInfo, Results};
-use crate::run::{self, Plan};
+use crate::run::{self, Plan, Restart};
 use crate::target;
 
 /// The app every bench config defines.
@@ -39,10 +39,9 @@ impl Gateway {
         self.pid
     }
 
-    /// Starts `bin serve --config config` and waits for /healthz and the
-    /// device port.
-    async fn start(&mut self) -> Result<f64> {
-        let t = Instant::now();
+    /// Spawns `bin serve --config config EXTRA…`, logging to the log file;
+    /// it becomes `self.child`.
+    fn spawn(&mut self, extra: &[&str]) -> Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -52,6 +51,7 @@ impl Gateway {
         cmd.arg("serve")
             .arg("--config")
             .arg(&self.config)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
@@ -60,13 +60,22 @@ impl Gateway {
             .process_group(0)
             .kill_on_drop(true);
         if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "warn");
+            // The node's few info lines say when a hand-over is done.
+            cmd.env("RUST_LOG", "warn,pushgate::node=info");
         }
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", self.bin.display()))?;
         self.pid = child.id().context("the gateway exited at once")?;
         self.child = Some(child);
+        Ok(())
+    }
+
+    /// Starts `bin serve --config config` and waits for /healthz and the
+    /// device port.
+    async fn start(&mut self) -> Result<f64> {
+        let t = Instant::now();
+        self.spawn(&[])?;
         let deadline = t + self.startup_timeout;
         // Bounded by the startup timeout.
         loop {
@@ -128,6 +137,65 @@ impl Gateway {
                 Ok((None, t.elapsed().as_secs_f64()))
             }
         }
+    }
+
+    /// Hand over to a new process (`serve --takeover`, as `systemctl reload`
+    /// does): start it, wait for the old one to drain and exit. Returns the
+    /// seconds until the old one exited and until the new one served (its
+    /// log says so).
+    pub async fn takeover(&mut self) -> Result<(f64, f64)> {
+        let t = Instant::now();
+        let mut old = self.child.take().context("no gateway to take over from")?;
+        let old_pid = self.pid;
+        let log_len = std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
+        let started = self.spawn(&["--takeover"]);
+        if let Err(e) = started {
+            self.child = Some(old);
+            self.pid = old_pid;
+            return Err(e);
+        }
+        // The old process logs when the new one serves; the old one's exit
+        // ends the drain. Both bounded.
+        let served_deadline = t + self.startup_timeout;
+        let mut served = None;
+        let grace = Duration::from_secs(self.drain_secs + 15);
+        let exit_deadline = t + grace;
+        loop {
+            if served.is_none() {
+                let text = std::fs::read(&self.log).unwrap_or_default();
+                let new_text = String::from_utf8_lossy(&text[(log_len as usize).min(text.len())..]);
+                if new_text.contains("handed over: the new process serves") {
+                    served = Some(t.elapsed().as_secs_f64());
+                }
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait()? {
+                    bail!(
+                        "the new gateway exited during the takeover ({status}); its log {}:\n{}",
+                        self.log.display(),
+                        log_tail(&self.log)
+                    );
+                }
+            }
+            if let Some(status) = old.try_wait()? {
+                if status.code() != Some(0) {
+                    eprintln!("note: the old gateway exited with {status} after the takeover");
+                }
+                break;
+            }
+            if Instant::now() > exit_deadline
+                || (served.is_none() && Instant::now() > served_deadline)
+            {
+                let _ = old.kill().await;
+                bail!(
+                    "the takeover did not finish within {grace:?}; log {}:\n{}",
+                    self.log.display(),
+                    log_tail(&self.log)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok((t.elapsed().as_secs_f64(), served.unwrap_or(f64::NAN)))
     }
 
     /// Stop and start again with the same config and ports; returns the
@@ -279,7 +347,15 @@ pub async fn bench(scenario: Scenario, b: BenchOpts, mut load: LoadOpts) -> Resu
     load.secret = Some(secret);
     load.api_key = Some(api_key.clone());
     load.gateway_pid = None;
-    let plan = Plan::new(scenario, load, b.restart).await?;
+    let restart = match (b.restart, b.takeover) {
+        (_, true) => Restart::Takeover,
+        (true, false) => Restart::Sigterm,
+        (false, false) => Restart::No,
+    };
+    if restart == Restart::Takeover && b.store != StoreKind::Redb {
+        bail!("--takeover needs --store redb: the memory store has nothing to hand over");
+    }
+    let plan = Plan::new(scenario, load, restart).await?;
     let api_ep = target::resolve(&plan.o.api, &["http"], false).await?;
 
     let mut gw = Gateway {

@@ -24,6 +24,7 @@ Examples:
   pushgate-loadtest bench broadcast --gateway-bin target/release/pushgate -n 15000 --count 20 --plot b.png
   pushgate-loadtest run device --secret S --api-key K --app demo -n 5000 --rate 2000 --duration 30
   pushgate-loadtest bench storm --restart --gateway-bin target/release/pushgate -n 5000
+  pushgate-loadtest bench storm --takeover --store redb --gateway-bin target/release/pushgate -n 15000
 
 Exit codes: 0 clean run; 3 the run finished but saw failures, closes, loss,
 duplicates or API errors (see the summary); 1 could not run; 2 bad arguments.";
@@ -72,7 +73,8 @@ pub enum Scenario {
     /// devices ack, order, loss and duplicates are checked by seq.
     Device,
     /// All devices drop and reconnect at once (`--rounds` times), or, with
-    /// `bench --restart`, the gateway restarts: time until all are back.
+    /// `bench --restart`, the gateway restarts (with `bench --takeover`, a new
+    /// process takes over): time until all are back.
     Storm,
 }
 
@@ -263,8 +265,13 @@ pub struct BenchOpts {
     pub max_handshakes_per_sec: Option<u64>,
     /// storm: restart the gateway (SIGTERM, wait, start again) instead of
     /// dropping the client side.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "takeover")]
     pub restart: bool,
+    /// storm: hand the gateway over to a new process (`serve --takeover`,
+    /// what `systemctl reload` does) instead of dropping the client side.
+    /// Needs `--store redb`.
+    #[arg(long)]
+    pub takeover: bool,
     /// Seconds to wait for /healthz after starting the gateway.
     #[arg(long, default_value_t = 20.0)]
     pub startup_timeout: f64,

@@ -48,7 +48,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Worker => return exit(worker::main().map(|()| ExitCode::SUCCESS)),
         Command::Run { scenario, load } => coordinator(load.clone(), async move {
-            let plan = run::Plan::new(scenario, load, false).await?;
+            let plan = run::Plan::new(scenario, load, run::Restart::No).await?;
             run::execute(plan, None).await
         }),
         Command::Bench {

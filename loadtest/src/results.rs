@@ -212,9 +212,24 @@ pub struct StormRound {
     /// From the drop (or SIGTERM) until all were back (or the timeout).
     pub secs: f64,
     pub reconnect_failures: u64,
-    /// Gateway restart: SIGTERM to exit, and start to /healthz.
+    /// Gateway restart: SIGTERM to exit, and start to /healthz. Takeover:
+    /// start of the new process to the old one's exit, and start to the
+    /// hand-over being done.
     pub stop_secs: Option<f64>,
     pub start_secs: Option<f64>,
+    /// Backend calls made during the round.
+    pub api: ApiProbe,
+}
+
+/// Backend API calls made while a storm round ran.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ApiProbe {
+    pub ok: u64,
+    /// By error code, HTTP status, or `transport: …`.
+    pub errors: BTreeMap<String, u64>,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -306,6 +321,12 @@ impl Results {
                     && d.missing_seq == 0
                     && d.api_errors.is_empty()
             })
+            // A SIGTERM restart answers 503 draining by design; a takeover
+            // or a client-side storm must not fail a single call.
+            && self
+                .storm
+                .iter()
+                .all(|r| r.how == "gateway_restart" || r.api.errors.is_empty())
     }
 
     /// The human summary.
@@ -429,6 +450,15 @@ impl Results {
                 r.secs,
                 if r.recovered { "" } else { " (NOT ALL BACK)" },
                 r.reconnect_failures
+            );
+            let _ = writeln!(
+                s,
+                "  API during the round: {} ok, p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  errors: {}",
+                r.api.ok,
+                r.api.p50_ms,
+                r.api.p99_ms,
+                r.api.max_ms,
+                fmt_map(&r.api.errors)
             );
         }
         if let Some(g) = &self.gateway {

@@ -46,13 +46,26 @@ pub struct Plan {
     pub shares: Vec<(u64, u64)>,
     pub run_id: String,
     /// storm: restart the gateway instead of dropping clients (bench only).
-    pub restart: bool,
+    pub restart: Restart,
+}
+
+/// How a `bench storm` round disturbs the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Restart {
+    /// The clients drop their connections.
+    #[default]
+    No,
+    /// SIGTERM (drain, exit), then start the gateway again.
+    Sigterm,
+    /// Start a new gateway with `serve --takeover`: it takes listeners and
+    /// store over, the old one drains and exits.
+    Takeover,
 }
 
 impl Plan {
     /// Checks the options and resolves the endpoints (loopback only unless
     /// `--allow-remote`).
-    pub async fn new(scenario: Scenario, o: LoadOpts, restart: bool) -> Result<Plan> {
+    pub async fn new(scenario: Scenario, o: LoadOpts, restart: Restart) -> Result<Plan> {
         if o.connections == 0 || o.connections > MAX_CONNECTIONS {
             bail!("--connections must be 1..={MAX_CONNECTIONS}");
         }
@@ -139,8 +152,8 @@ impl Plan {
             }
             _ => {}
         }
-        if restart && scenario != Scenario::Storm {
-            bail!("--restart only applies to the storm scenario");
+        if restart != Restart::No && scenario != Scenario::Storm {
+            bail!("--restart and --takeover only apply to the storm scenario");
         }
         let device = target::resolve(&o.url, &["ws", "wss"], o.allow_remote).await?;
         let api = target::resolve(&o.api, &["http"], o.allow_remote).await?;
@@ -1013,10 +1026,30 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
                     let mut stop_secs = None;
                     let mut start_secs = None;
                     let how;
-                    let w = if let (true, Some(g)) = (plan.restart, gw.as_deref_mut()) {
-                        how = "gateway_restart";
-                        let (r, w) =
-                            tokio::join!(g.restart(), fleet.wait_for(done, deadline, &stop));
+                    // Backend calls go on during the storm: their latency
+                    // says whether the API starves.
+                    let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+                    let prober =
+                        tokio::spawn(probe_api(api.clone(), plan.o.app.clone(), probing.clone()));
+                    let w = if let (Restart::Sigterm | Restart::Takeover, Some(g)) =
+                        (plan.restart, gw.as_deref_mut())
+                    {
+                        let takeover = plan.restart == Restart::Takeover;
+                        how = if takeover {
+                            "gateway_takeover"
+                        } else {
+                            "gateway_restart"
+                        };
+                        let (r, w) = tokio::join!(
+                            async {
+                                if takeover {
+                                    g.takeover().await
+                                } else {
+                                    g.restart().await
+                                }
+                            },
+                            fleet.wait_for(done, deadline, &stop)
+                        );
                         match r {
                             Ok((a, b)) => {
                                 stop_secs = Some(a);
@@ -1033,6 +1066,8 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
                         fleet.wait_for(done, deadline, &stop).await
                     };
                     let after = fleet.sum();
+                    probing.store(false, Ordering::SeqCst);
+                    let api_probe = prober.await.unwrap_or_default();
                     res.storm.push(StormRound {
                         round,
                         how: how.into(),
@@ -1043,6 +1078,7 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
                         reconnect_failures: after.reconnect_failed - before.reconnect_failed,
                         stop_secs,
                         start_secs,
+                        api: api_probe,
                     });
                     if !matches!(w, Wait::Met | Wait::Timeout) {
                         ok = false;
@@ -1195,7 +1231,7 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
         }
     }
     // After a restart `after` is another process: no differences across it.
-    if !plan.restart {
+    if plan.restart == Restart::No {
         if let (Some(c), Some(a)) = (gs.connected, gs.after) {
             gs.rss_growth_after = Some(a.rss_bytes as f64 - c.rss_bytes as f64);
         }
@@ -1220,6 +1256,40 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
     res.elapsed_secs = t0.elapsed().as_secs_f64();
     res.latency_hist = Some(merge_latency(latency));
     Ok(res)
+}
+
+/// Calls the API every 10 ms while `on`: a device-directed push with ttl 0
+/// (the whole accept path, nothing stored) to a device that is not
+/// connected. Latency from send to answer, in µs; errors by kind.
+async fn probe_api(api: Arc<Api>, app: String, on: Arc<std::sync::atomic::AtomicBool>) -> ApiProbe {
+    let mut out = ApiProbe::default();
+    let mut h =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds");
+    let path = format!("/v1/apps/{app}/messages");
+    let body = json!({"to": {"device": "loadtest-api-probe"}, "data": {"probe": true}, "ttl": 0});
+    while on.load(Ordering::SeqCst) {
+        let t = std::time::Instant::now();
+        match api.post_json(&path, &body).await {
+            Ok(r) if r.status == 202 => {
+                out.ok += 1;
+                let _ = h.record((t.elapsed().as_micros() as u64).max(1));
+            }
+            Ok(r) => {
+                let code = r.error_code().unwrap_or_else(|| r.status.to_string());
+                *out.errors.entry(code).or_default() += 1;
+            }
+            Err(e) => {
+                *out.errors.entry(format!("transport: {e:#}")).or_default() += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if !h.is_empty() {
+        out.p50_ms = h.value_at_quantile(0.5) as f64 / 1000.0;
+        out.p99_ms = h.value_at_quantile(0.99) as f64 / 1000.0;
+        out.max_ms = h.max() as f64 / 1000.0;
+    }
+    out
 }
 
 fn merge_latency(h: [Histogram<u64>; 3]) -> Histogram<u64> {

@@ -383,3 +383,26 @@ async fn pushgate_storm() {
     assert_eq!(r.json["storm"][0]["recovered"], true, "{}", r.out);
     assert_gateway_measured(&r);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushgate_storm_takeover() {
+    let r = bench(
+        "storm",
+        200,
+        &["--takeover", "--store", "redb", "--storm-timeout", "30"],
+    )
+    .await;
+    assert_clean(&r, 200);
+    let round = &r.json["storm"][0];
+    assert_eq!(round["how"], "gateway_takeover", "{}", r.out);
+    assert_eq!(round["recovered"], true, "{}", r.out);
+    assert_eq!(u(&round["reconnect_failures"]), 0, "{}", r.out);
+    // The API answered throughout the hand-over, without one error.
+    assert!(u(&round["api"]["ok"]) > 0, "{}", r.out);
+    assert_eq!(round["api"]["errors"], serde_json::json!({}), "{}", r.out);
+    assert_eq!(
+        r.json["setup"]["bench"]["exit_code"], 0,
+        "the new gateway exits 0 after SIGTERM\n{}",
+        r.out
+    );
+}
