@@ -5,13 +5,14 @@
 //! only parses, authenticates and maps errors; everything it promises is
 //! kept here.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
 use crate::fanout::{self, Fanout, FanoutJob, FanoutTarget};
-use crate::hub::{Hub, MsgKind, Out, Pushed};
+use crate::handoff::{Relay, RelayTarget, Relayed};
+use crate::hub::{Frame, Hub, MsgKind, Out, Pushed};
 use crate::limit::{retry_after_secs, RateLimiter};
 use crate::metrics::{DropReason, Metrics};
 use crate::protocol::{new_message_id, CloseReason, MsgTarget};
@@ -79,6 +80,9 @@ pub struct Dispatcher {
     limits: Box<[RateLimiter]>,
     queue_cap: usize,
     max_pending: u64,
+    /// After a hand-over: topic and broadcast frames also go to the old
+    /// process, for the devices it is still draining.
+    relay: OnceLock<Relay>,
 }
 
 impl Dispatcher {
@@ -102,7 +106,36 @@ impl Dispatcher {
                 .collect(),
             queue_cap,
             max_pending,
+            relay: OnceLock::new(),
         }
+    }
+
+    /// From now on, relay topic and broadcast frames to the process this
+    /// one took over from (set once, after the hand-over).
+    pub fn set_relay(&self, relay: Relay) {
+        let _ = self.relay.set(relay);
+    }
+
+    /// A frame relayed by the process that took over from this one: fan it
+    /// out to this process's devices (they are draining and miss it
+    /// otherwise). Not counted as accepted: the other process did that.
+    pub fn fan_out_relayed(&self, relayed: Relayed) {
+        let Some(app) = (0..self.hub.app_count()).find(|&a| **self.hub.app_id(a) == *relayed.app)
+        else {
+            return; // an app the new config added
+        };
+        let (target, kind) = match relayed.target {
+            RelayTarget::Broadcast => (FanoutTarget::Broadcast, MsgKind::Broadcast),
+            RelayTarget::Topic(t) => (FanoutTarget::Topic(t), MsgKind::Topic),
+        };
+        let frame = Arc::new(Frame {
+            text: relayed.frame,
+            kind,
+            accepted: Instant::now(),
+            check_dropped: false,
+        });
+        // A full queue drops it: these devices are leaving anyway.
+        let _ = self.fanout.try_send(FanoutJob { app, target, frame });
     }
 
     /// Take one message's worth of the app's rate limit (dry runs do not).
@@ -186,9 +219,23 @@ impl Dispatcher {
             ),
         };
         let frame = fanout::encode(id, wire, data, kind, accepted, false);
+        let relayed = self.relay.get().map(|relay| {
+            let target = match &target {
+                FanoutTarget::Broadcast => RelayTarget::Broadcast,
+                FanoutTarget::Topic(t) => RelayTarget::Topic(t.clone()),
+            };
+            (relay, target, frame.text.clone())
+        });
         self.fanout
             .try_send(FanoutJob { app, target, frame })
             .map_err(|_| DispatchError::QueueFull)?;
+        if let Some((relay, target, frame)) = relayed {
+            relay.send(Relayed {
+                app: self.hub.app_id(app).clone(),
+                target,
+                frame,
+            });
+        }
         self.metrics.accepted(kind).inc();
         Ok((online, 0))
     }

@@ -18,6 +18,18 @@
 //! new → old   ready
 //! ```
 //!
+//! After `ready` the connection stays open as a relay, new → old:
+//!
+//! ```text
+//! new → old   fanout APP broadcast LEN\n<LEN bytes: the msg frame>
+//! new → old   fanout APP topic:NAME LEN\n<LEN bytes>
+//! ```
+//!
+//! so that devices still connected to the old process during its drain get
+//! the topic and broadcast messages accepted by the new one (they are
+//! live-only: without the relay those devices would miss them). It ends
+//! when the old process exits.
+//!
 //! Nothing is refused in between: a connection made during the hand-over
 //! waits in the kernel's backlog for the new process (tens of
 //! milliseconds), a call on an old keep-alive connection is forwarded. If
@@ -35,6 +47,7 @@ use std::net::TcpListener;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustix::net::{
@@ -44,6 +57,8 @@ use rustix::net::{
 use socket2::SockRef;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::config::{Config, StoreKind};
 use crate::net::ActivatedListeners;
@@ -140,6 +155,28 @@ impl Ctl {
                 None => Ok(line),
             },
         }
+    }
+
+    /// Sends `line` followed by `bytes` (a relayed frame).
+    pub async fn send_frame(&mut self, line: &str, bytes: &[u8]) -> io::Result<()> {
+        let mut out = Vec::with_capacity(line.len() + 1 + bytes.len());
+        out.extend_from_slice(line.as_bytes());
+        out.push(b'\n');
+        out.extend_from_slice(bytes);
+        self.stream.write_all(&out).await
+    }
+
+    /// Exactly `len` bytes (after a line that announced them).
+    pub async fn recv_bytes(&mut self, len: usize) -> io::Result<Vec<u8>> {
+        while self.buf.len() < len {
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        Ok(self.buf.drain(..len).collect())
     }
 
     /// Sends `line` with `fds` attached (one `sendmsg`).
@@ -374,11 +411,124 @@ impl Takeover {
         }
     }
 
-    /// Tells the old process we serve: it drains and exits.
-    pub async fn ready(mut self) -> Result<(), HandoffError> {
+    /// Tells the old process we serve: it drains and exits. The connection
+    /// then carries what was queued on the [`Relay`] of `feed`, from the
+    /// start (frames accepted before `ready` wait in the queue).
+    pub async fn ready(mut self, feed: RelayFeed) -> Result<(), HandoffError> {
         self.ctl.send("ready").await?;
+        feed.spawn(self.ctl);
         Ok(())
     }
+}
+
+// ---------------------------------------------------------------------------
+// The relay: live fan-out from the new process to the devices still on the
+// old one
+
+/// Longest relayed frame either side accepts.
+const MAX_RELAYED: usize = 16 << 20;
+/// Relayed frames waiting to be written; past it they are dropped (the old
+/// process is draining, the new one must never wait for it).
+const RELAY_QUEUE: usize = 4096;
+
+/// Where a relayed fan-out goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayTarget {
+    Broadcast,
+    Topic(Arc<str>),
+}
+
+/// One topic or broadcast frame for the old process's devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relayed {
+    pub app: Arc<str>,
+    pub target: RelayTarget,
+    pub frame: Utf8Bytes,
+}
+
+/// The new process's end: queues frames for a task that writes them.
+#[derive(Debug)]
+pub struct Relay {
+    tx: mpsc::Sender<Relayed>,
+}
+
+/// The frames queued on a [`Relay`], until [`Takeover::ready`] writes them.
+#[derive(Debug)]
+pub struct RelayFeed {
+    rx: mpsc::Receiver<Relayed>,
+}
+
+/// A relay whose frames wait until the feed is connected: set it up before
+/// accepting anything, so no frame the old process's devices need is missed.
+pub fn relay_channel() -> (Relay, RelayFeed) {
+    let (tx, rx) = mpsc::channel::<Relayed>(RELAY_QUEUE);
+    (Relay { tx }, RelayFeed { rx })
+}
+
+impl RelayFeed {
+    /// Writes the queued frames, and those to come, to `ctl` until the old
+    /// process goes away.
+    fn spawn(self, mut ctl: Ctl) {
+        let mut rx = self.rx;
+        tokio::spawn(async move {
+            while let Some(r) = rx.recv().await {
+                let target = match &r.target {
+                    RelayTarget::Broadcast => "broadcast".to_string(),
+                    RelayTarget::Topic(t) => format!("topic:{t}"),
+                };
+                let line = format!("fanout {} {target} {}", r.app, r.frame.len());
+                if ctl.send_frame(&line, r.frame.as_bytes()).await.is_err() {
+                    // The old process has drained and exited.
+                    break;
+                }
+            }
+            tracing::debug!("relay to the old process ended");
+        });
+    }
+}
+
+impl Relay {
+    /// Queue a frame for the old process's devices; dropped if the old
+    /// process is gone or too slow.
+    pub fn send(&self, relayed: Relayed) {
+        let _ = self.tx.try_send(relayed);
+    }
+}
+
+/// The old process's end: the next relayed frame, `None` when the new
+/// process closed the connection.
+pub async fn recv_relayed(ctl: &mut Ctl) -> Result<Option<Relayed>, HandoffError> {
+    let Some(line) = ctl.recv().await? else {
+        return Ok(None);
+    };
+    let mut words = line.split(' ');
+    let (Some("fanout"), Some(app), Some(target), Some(len), None) = (
+        words.next(),
+        words.next(),
+        words.next(),
+        words.next(),
+        words.next(),
+    ) else {
+        return Err(HandoffError::Protocol(format!("unexpected {line:?}")));
+    };
+    let len: usize = len
+        .parse()
+        .ok()
+        .filter(|&n| n <= MAX_RELAYED)
+        .ok_or_else(|| HandoffError::Protocol(format!("bad length in {line:?}")))?;
+    let target = match target.strip_prefix("topic:") {
+        Some(topic) => RelayTarget::Topic(Arc::from(topic)),
+        None if target == "broadcast" => RelayTarget::Broadcast,
+        None => return Err(HandoffError::Protocol(format!("bad target in {line:?}"))),
+    };
+    let bytes = ctl.recv_bytes(len).await?;
+    let frame = String::from_utf8(bytes)
+        .map_err(|_| HandoffError::Protocol("relayed frame is not UTF-8".into()))?;
+    Ok(Some(Relayed {
+        app: Arc::from(app),
+        target,
+        frame: Utf8Bytes::from(frame),
+    }))
 }
 
 /// A passed descriptor as a listener, after checking it is one.
@@ -435,7 +585,7 @@ mod tests {
         let mut takeover = Takeover::connect(&path).await.unwrap().unwrap();
         let got = takeover.listeners().await.unwrap();
         takeover.take_store().await.unwrap();
-        takeover.ready().await.unwrap();
+        takeover.ready(relay_channel().1).await.unwrap();
         let control = old.await.unwrap();
 
         let device = tokio::net::TcpListener::from_std(got.device.unwrap()).unwrap();
@@ -473,6 +623,42 @@ mod tests {
         assert!(path.exists(), "the old one leaves the new one's file alone");
         drop(new);
         assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn relayed_frames_arrive_whole_and_in_order() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (relay, feed) = relay_channel();
+        // Queued before the connection is there: kept, not dropped.
+        let early = Relayed {
+            app: Arc::from("demo"),
+            target: RelayTarget::Broadcast,
+            frame: Utf8Bytes::from("{}"),
+        };
+        relay.send(early.clone());
+        feed.spawn(Ctl::new(a));
+        let mut old = Ctl::new(b);
+        assert_eq!(recv_relayed(&mut old).await.unwrap(), Some(early));
+        let sent = [
+            Relayed {
+                app: Arc::from("demo"),
+                target: RelayTarget::Broadcast,
+                frame: Utf8Bytes::from(r#"{"t":"msg","data":"é\n"}"#),
+            },
+            Relayed {
+                app: Arc::from("demo"),
+                target: RelayTarget::Topic(Arc::from("news.eu")),
+                frame: Utf8Bytes::from("x".repeat(10_000)),
+            },
+        ];
+        for r in &sent {
+            relay.send(r.clone());
+        }
+        for r in &sent {
+            assert_eq!(recv_relayed(&mut old).await.unwrap().as_ref(), Some(r));
+        }
+        drop(relay);
+        assert_eq!(recv_relayed(&mut old).await.unwrap(), None);
     }
 
     #[tokio::test]

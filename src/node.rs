@@ -93,6 +93,7 @@ pub struct Node {
     api_stop: tokio::sync::watch::Sender<bool>,
     api_task: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
+    pub dispatcher: Arc<Dispatcher>,
     /// Off while a successor takes the listeners over.
     accepting: watch::Sender<bool>,
     forwarding: Arc<Forwarding>,
@@ -100,6 +101,9 @@ pub struct Node {
     passable: Vec<(&'static str, OwnedFd)>,
     /// Where this node's control socket goes (redb store only).
     control_path: Option<PathBuf>,
+    /// After taking over: the frames for the old process's devices, until
+    /// `run` connects them to it.
+    relay_feed: Option<handoff::RelayFeed>,
 }
 
 /// The listener for `addr`: the one passed (by systemd or a predecessor) if
@@ -270,6 +274,13 @@ impl Node {
             config.device.clone(),
         ));
 
+        // Before anything is accepted: every topic and broadcast message
+        // from now on also goes to the devices still on the old process.
+        let relay_feed = taking_over.then(|| {
+            let (relay, feed) = handoff::relay_channel();
+            dispatcher.set_relay(relay);
+            feed
+        });
         let (accepting, _) = watch::channel(true);
         let mut background = vec![
             tokio::spawn(ctx.ticker.clone().run()),
@@ -297,7 +308,7 @@ impl Node {
 
         let forwarding = Arc::new(Forwarding::default());
         let state = Arc::new(ApiState {
-            dispatcher,
+            dispatcher: dispatcher.clone(),
             auth,
             drain: drain.clone(),
             messages: config.messages.clone(),
@@ -331,10 +342,12 @@ impl Node {
             api_stop,
             api_task,
             background,
+            dispatcher,
             accepting,
             forwarding,
             passable: vec![("device", device_fd), ("api", api_fd)],
             control_path: handoff::socket_path(&config),
+            relay_feed,
         })
     }
 
@@ -559,7 +572,7 @@ pub async fn run(config: Config, opts: RunOptions) -> ExitCode {
             },
         }
     }
-    let node = match Node::start_with(config, opts.activated, takeover.as_mut()).await {
+    let mut node = match Node::start_with(config, opts.activated, takeover.as_mut()).await {
         Ok(n) => n,
         Err(e) => {
             eprintln!("pushgate: {e}");
@@ -569,7 +582,11 @@ pub async fn run(config: Config, opts: RunOptions) -> ExitCode {
     let took_over = takeover.is_some();
     if let Some(takeover) = takeover {
         crate::systemd::notify_main_pid();
-        if let Err(e) = takeover.ready().await {
+        let feed = node
+            .relay_feed
+            .take()
+            .unwrap_or_else(|| handoff::relay_channel().1);
+        if let Err(e) = takeover.ready(feed).await {
             // It released the store to us: it cannot serve again anyway.
             tracing::warn!(error = %e, "could not tell the old process we serve");
         }
@@ -607,6 +624,7 @@ pub async fn run(config: Config, opts: RunOptions) -> ExitCode {
                 match node.hand_over(&mut ctl).await {
                     Ok(()) => {
                         drop(control);
+                        tokio::spawn(relay_in(ctl, node.dispatcher.clone()));
                         spawn_second_signal_exit();
                         node.drain_handed_over().await;
                         tracing::info!("handed over and drained; exiting");
@@ -625,6 +643,21 @@ pub async fn run(config: Config, opts: RunOptions) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+/// After a hand-over: fan out what the new process relays to the devices
+/// still draining here, until it closes the connection.
+async fn relay_in(mut ctl: Ctl, dispatcher: Arc<Dispatcher>) {
+    loop {
+        match handoff::recv_relayed(&mut ctl).await {
+            Ok(Some(relayed)) => dispatcher.fan_out_relayed(relayed),
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "relay from the new process failed");
+                break;
+            }
+        }
     }
 }
 

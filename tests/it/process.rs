@@ -192,6 +192,11 @@ pub fn lines_until(log: &std::sync::mpsc::Receiver<String>, needle: &str) -> Vec
     }
 }
 
+/// [`lines_until`] on a gateway process's log.
+pub fn lines_until_in(p: &Proc, needle: &str) -> Vec<String> {
+    lines_until(&p.log, needle)
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -544,3 +544,76 @@ async fn an_abandoned_takeover_leaves_the_old_process_serving() {
     old.signal("-TERM");
     assert_eq!(old.wait(), 0);
 }
+
+/// Topic and broadcast messages are live-only. During the drain after a
+/// hand-over, the devices still on the old process get the ones the new
+/// process accepts: it relays them over the control connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_still_draining_on_the_old_process_get_new_broadcasts() {
+    const N: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    // A long window: device i is told to go at i × 2 s.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &format!("drain_secs = {DRAIN_SECS}"),
+        &format!("drain_secs = {}", 2 * N),
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut old = Proc::spawn_config(&config, &[], tempfile::tempdir().unwrap());
+    let gw = old.gateway();
+    let mut devices = Vec::new();
+    for i in 0..N {
+        devices.push(gw.connect_token(&token(&format!("b{i}"), &["news"])).await);
+    }
+    for d in &mut devices {
+        d.send(json!({"t": "sub", "topic": "news"})).await;
+        assert_eq!(d.recv().await["t"], "subscribed");
+    }
+
+    let new = Proc::spawn_config(&config, &["--takeover"], tempfile::tempdir().unwrap());
+    let lines = crate::process::lines_until_in(&old, "handed over: the new process serves");
+    assert!(!lines.is_empty());
+    // Accepted by the new process; none of these devices is on it.
+    let broadcast = gw
+        .push(json!({"to": {"broadcast": true}, "data": {"b": 1}}))
+        .await;
+    let topic = gw
+        .push(json!({"to": {"topic": "news"}, "data": {"t": 1}}))
+        .await;
+    assert_eq!(broadcast["online"], 0, "{broadcast}");
+
+    let mut got_both = 0;
+    for (i, d) in devices.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        loop {
+            let f = d.recv().await;
+            match f["t"].as_str() {
+                Some("msg") => got.push(f["id"].clone()),
+                Some("bye") => break,
+                _ => panic!("device b{i}: unexpected {f}"),
+            }
+            if got.len() == 2 {
+                break;
+            }
+        }
+        if got.len() == 2 {
+            assert_eq!(
+                got,
+                [broadcast["id"].clone(), topic["id"].clone()],
+                "device b{i}"
+            );
+            got_both += 1;
+        }
+    }
+    // The drain closes them in random order: one at once (it may have gone
+    // before the messages came), the others 2, 4 and 6 s later, long after.
+    assert!(
+        got_both >= N - 1,
+        "{got_both} of {N} devices got both; old:\n{}\nnew:\n{}",
+        old.log_lines().join("\n"),
+        new.log_lines().join("\n")
+    );
+    drop(devices);
+    assert_eq!(old.wait(), 0);
+    drop(new);
+}
