@@ -315,20 +315,15 @@ impl Node {
             app_ids,
             forwarding: forwarding.clone(),
         });
-        let (api_stop, mut stop_rx) = tokio::sync::watch::channel(false);
+        let (api_stop, stop_rx) = tokio::sync::watch::channel(false);
         let router = api::router(state);
         let api_listener = net::GatedListener::new(api_listener, accepting.subscribe());
-        let api_task = tokio::spawn(async move {
-            let stopped = async move {
-                let _ = stop_rx.wait_for(|s| *s).await;
-            };
-            if let Err(e) = axum::serve(api_listener, router)
-                .with_graceful_shutdown(stopped)
-                .await
-            {
-                tracing::error!(error = %e, "API server failed");
-            }
-        });
+        let api_task = tokio::spawn(api::serve(
+            api_listener,
+            router,
+            stop_rx,
+            api::HEADER_TIMEOUT,
+        ));
 
         tracing::info!(pid = std::process::id(), device = %device_addr, api = %api_addr, tls = config.device.tls_cert.is_some(), store = ?config.store.kind, "pushgate serving");
         Ok(Node {

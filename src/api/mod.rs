@@ -8,6 +8,7 @@
 //! [`Caller`]).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::path::ErrorKind;
@@ -44,6 +45,61 @@ pub struct ApiState {
     pub app_ids: Vec<Arc<str>>,
     /// Set during a hand-over restart: calls go to the new process.
     pub forwarding: Arc<forward::Forwarding>,
+}
+
+/// How long a client may take to send a request's head, and how long a
+/// keep-alive connection may sit idle between requests, before it is closed
+/// (bounds a slowloris on the API the way `handshake_timeout` does on the
+/// device side).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a request's body may take to arrive once its head is read.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stop waits for API calls in flight.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// Serves `router` on `listener` (HTTP/1.1) until `stop` turns true, then
+/// lets the calls in flight finish (at most [`STOP_GRACE`]).
+///
+/// Like `axum::serve`, plus what it lacks: a timer, so that
+/// `header_timeout` ([`HEADER_TIMEOUT`] in the gateway) bounds slow request
+/// heads and idle keep-alive connections.
+pub async fn serve(
+    mut listener: crate::net::GatedListener,
+    router: Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    header_timeout: Duration,
+) {
+    use axum::serve::Listener;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        // The router takes hyper's body type as it is.
+        let service = TowerToHyperService::new(router.clone());
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "API connection ended");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(STOP_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("API calls still running after {STOP_GRACE:?}; stopping anyway");
+    }
 }
 
 /// The API's routes, ready to serve (or to test with `oneshot`).
@@ -215,20 +271,30 @@ async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<
     if declared.is_some_and(|n| n > limit as u64) || body.size_hint().lower() > limit as u64 {
         return Err(too_large());
     }
-    let mut buf = Vec::with_capacity(declared.map_or(0, |n| n as usize));
-    while let Some(frame) =
-        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
-    {
-        let frame =
-            frame.map_err(|e| ApiError::invalid(format!("body: could not be read: {e}")))?;
-        if let Ok(data) = frame.into_data() {
-            if buf.len() + data.len() > limit {
-                return Err(too_large());
+    let read = async {
+        let mut buf = Vec::with_capacity(declared.map_or(0, |n| n as usize));
+        while let Some(frame) =
+            std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+        {
+            let frame =
+                frame.map_err(|e| ApiError::invalid(format!("body: could not be read: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Err(too_large());
+                }
+                buf.extend_from_slice(&data);
             }
-            buf.extend_from_slice(&data);
         }
-    }
-    Ok(Bytes::from(buf))
+        Ok(Bytes::from(buf))
+    };
+    tokio::time::timeout(BODY_TIMEOUT, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::invalid(format!(
+                "body: not received within {} s",
+                BODY_TIMEOUT.as_secs()
+            )))
+        })
 }
 
 /// `GET /v1/apps/{app}/devices/{device}`.

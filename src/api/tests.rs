@@ -1031,3 +1031,85 @@ async fn unknown_route_404_and_wrong_method_405_are_json() {
         .await;
     r.refused(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "PUT");
 }
+
+/// A body that never finishes is answered 400 after `BODY_TIMEOUT`
+/// (virtual time: the test does not wait for it).
+#[tokio::test(start_paused = true)]
+async fn a_body_that_never_ends_is_refused_after_the_body_timeout() {
+    let fx = fixture();
+    use futures_util::StreamExt;
+    let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(
+        axum::body::Bytes::from_static(b"{\"to\":"),
+    )])
+    .chain(futures_util::stream::pending());
+    let req = Request::post("/v1/apps/demo/messages")
+        .header(header::AUTHORIZATION, "Bearer k-demo")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(stream))
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let r = fx.send(req).await;
+    r.refused(StatusCode::BAD_REQUEST, "invalid", "not received within");
+    assert!(started.elapsed() >= super::BODY_TIMEOUT);
+}
+
+/// Over a real socket: a request head that never completes, and a
+/// keep-alive connection left idle, are closed after the header timeout; a
+/// complete request on time is served.
+#[tokio::test]
+async fn slow_heads_and_idle_connections_are_closed_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let fx = fixture();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_accepting_tx, accepting) = tokio::sync::watch::channel(true);
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let timeout = std::time::Duration::from_millis(300);
+    let server = tokio::spawn(super::serve(
+        crate::net::GatedListener::new(listener, accepting),
+        fx.app.clone(),
+        stop,
+        timeout,
+    ));
+
+    // Closed: the head never completes.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Served, then left idle: closed too.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+
+    let limit = timeout * 20;
+    for (name, conn) in [("slow head", &mut slow), ("idle keep-alive", &mut idle)] {
+        let started = std::time::Instant::now();
+        let end = tokio::time::timeout(limit, async {
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    // hyper may answer 408 before closing.
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(end.is_ok(), "{name}: still open after {limit:?}");
+        assert!(started.elapsed() < limit);
+    }
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), server)
+        .await
+        .expect("serve stops")
+        .unwrap();
+}
