@@ -614,7 +614,11 @@ pub async fn run(config: Config, opts: RunOptions) -> ExitCode {
                 }
             }
             accepted = async { control.as_ref()?.accept().await.ok() }, if control.is_some() => {
-                let Some(mut ctl) = accepted else { continue };
+                let Some(mut ctl) = accepted else {
+                    // accept() failed (out of descriptors?): not in a spin.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
                 tracing::info!("a new process is taking over");
                 match node.hand_over(&mut ctl).await {
                     Ok(()) => {
