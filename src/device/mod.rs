@@ -67,11 +67,20 @@ impl DeviceCtx {
     }
 }
 
+/// Bytes of tungstenite's read buffer per connection (see [`ws_config`]).
+pub const READ_BUFFER: usize = 64;
+
 /// tungstenite's buffers sized for millions of idle sockets, not for
 /// throughput: its defaults allocate 128 KiB per connection.
+///
+/// The read buffer is allocated at the upgrade and kept for the
+/// connection's life, so its size is paid by every idle socket: 64 bytes
+/// hold what devices send (a pong is 6 bytes, an ack about 40); a longer
+/// frame grows the buffer to its length (tungstenite reserves the whole
+/// frame once its header is read), it is just read 64 bytes per call.
 pub fn ws_config(cfg: &DeviceConfig) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(256)
+        .read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
         .max_write_buffer_size(256 * 1024)
         .max_message_size(Some(cfg.max_frame_bytes))
