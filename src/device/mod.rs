@@ -78,6 +78,8 @@ pub const READ_BUFFER: usize = 64;
 /// hold what devices send (a pong is 6 bytes, an ack about 40); a longer
 /// frame grows the buffer to its length (tungstenite reserves the whole
 /// frame once its header is read), it is just read 64 bytes per call.
+/// Nothing is written through tungstenite's own out buffer except control
+/// frames (see `conn`), hence `write_buffer_size` 0.
 pub fn ws_config(cfg: &DeviceConfig) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
