@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
 use tokio::time::Sleep;
 use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -53,6 +52,8 @@ pub(crate) struct Session {
     /// Coarse unix seconds of the last frame or pong from the device
     /// (`u32`, like `Session`'s other small fields, keeps it in 64 bytes).
     last_rx: u32,
+    /// The last heartbeat tick this connection handled.
+    seen_tick: u16,
     /// Refused frames so far.
     errors: u8,
 }
@@ -148,13 +149,12 @@ enum WriteFail {
     Closing,
 }
 
-/// A device connection after the upgrade: the socket, the session state
-/// and the shared tick. Built once, then driven by [`Connection::run`]
-/// through `&mut self`, so no async layer holds a second copy of it.
+/// A device connection after the upgrade: the socket and the session
+/// state. Built once, then driven by [`Connection::run`] through
+/// `&mut self`, so no async layer holds a second copy of it.
 pub struct Connection<S> {
     ws: WebSocketStream<S>,
     session: Session,
-    tick: watch::Receiver<()>,
 }
 
 impl<S> Connection<S>
@@ -180,8 +180,8 @@ where
         record_session(&ctx, &admitted.conn);
         Connection {
             ws,
-            tick: ctx.ticker.subscribe(admitted.conn.id),
             session: Session {
+                seen_tick: ctx.ticker.current(admitted.conn.id),
                 last_rx: ctx.ticker.now_secs() as u32,
                 conn: admitted.conn,
                 ctx,
@@ -196,7 +196,7 @@ where
 
     /// Serve the connection to its end; unregisters it on the way out.
     pub async fn run(&mut self) {
-        let reason = self.session.serve(&mut self.ws, &mut self.tick).await;
+        let reason = self.session.serve(&mut self.ws).await;
         let s = &self.session;
         let app = s.ctx.hub.app_id(s.conn.app);
         s.ctx.hub.unregister(&s.conn);
@@ -232,11 +232,7 @@ async fn maybe_sleep(timer: &mut Option<Pin<Box<Sleep>>>) {
 }
 
 impl Session {
-    async fn serve<S>(
-        &mut self,
-        ws: &mut WebSocketStream<S>,
-        tick: &mut watch::Receiver<()>,
-    ) -> CloseReason
+    async fn serve<S>(&mut self, ws: &mut WebSocketStream<S>) -> CloseReason
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -268,7 +264,9 @@ impl Session {
                 // task at rest keeps just this select's small futures.
                 _ = self.conn.wait() => Box::pin(self.on_queue(ws)).await,
                 msg = ws.next() => Box::pin(self.on_device(ws, msg)).await,
-                _ = tick.changed() => Box::pin(self.on_tick(ws, &mut expiry)).await,
+                _ = self.ctx.ticker.tick(self.conn.id, &mut self.seen_tick) => {
+                    Box::pin(self.on_tick(ws, &mut expiry)).await
+                }
                 _ = maybe_sleep(&mut expiry) => Flow::Close(CloseReason::TokenExpired, 0),
             };
             match flow {
