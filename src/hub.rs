@@ -4,6 +4,8 @@
 //! onto its bounded outbound queue, and a full queue marks the connection
 //! for a `slow_consumer` close instead of buffering without bound.
 
+use std::borrow::Borrow;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -193,12 +195,39 @@ pub enum RegisterError {
     TooManyConnections,
 }
 
+/// A registered connection as the key of its app's device map, hashed and
+/// compared by its device id: the map holds one pointer per device, where a
+/// (device id, handle) entry took 24 bytes in every bucket.
+#[derive(Debug, Clone)]
+struct ByDevice(ConnHandle);
+
+impl Hash for ByDevice {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As `str` hashes: lookups by `&str` go through `Borrow<str>`.
+        (*self.0.device).hash(state)
+    }
+}
+
+impl PartialEq for ByDevice {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.device == other.0.device
+    }
+}
+
+impl Eq for ByDevice {}
+
+impl Borrow<str> for ByDevice {
+    fn borrow(&self) -> &str {
+        &self.0.device
+    }
+}
+
 /// One app's share of the hub.
 #[derive(Debug)]
 pub struct AppHub {
     pub id: Arc<str>,
     max_connections: u64,
-    devices: DashMap<Arc<str>, ConnHandle>,
+    devices: DashMap<ByDevice, ()>,
     topics: DashMap<Arc<str>, Vec<ConnHandle>>,
     /// Registered devices (admission counts these).
     registered: AtomicU64,
@@ -254,14 +283,15 @@ impl Hub {
     /// is returned, already asked to close with `replaced`.
     pub fn register(&self, conn: &ConnHandle) -> Result<Option<ConnHandle>, RegisterError> {
         let app = &self.apps[conn.app];
-        let old = match app.devices.entry(conn.device.clone()) {
-            Entry::Occupied(mut e) => Some(e.insert(conn.clone())),
+        let old = match app.devices.entry(ByDevice(conn.clone())) {
+            // The entry's key becomes the new connection.
+            Entry::Occupied(e) => Some(e.replace_entry(()).0 .0),
             Entry::Vacant(e) => {
                 if app.registered.fetch_add(1, Ordering::AcqRel) >= app.max_connections {
                     app.registered.fetch_sub(1, Ordering::AcqRel);
                     return Err(RegisterError::TooManyConnections);
                 }
-                e.insert(conn.clone());
+                e.insert(());
                 None
             }
         };
@@ -278,7 +308,7 @@ impl Hub {
         let app = &self.apps[conn.app];
         if app
             .devices
-            .remove_if(&conn.device, |_, cur| cur.id == conn.id)
+            .remove_if(&*conn.device, |cur, _| cur.0.id == conn.id)
             .is_some()
         {
             app.registered.fetch_sub(1, Ordering::AcqRel);
@@ -292,7 +322,10 @@ impl Hub {
 
     /// The connection of a device, if connected here.
     pub fn get(&self, app: usize, device: &str) -> Option<ConnHandle> {
-        self.apps[app].devices.get(device).map(|c| c.clone())
+        self.apps[app]
+            .devices
+            .get(device)
+            .map(|e| e.key().0.clone())
     }
 
     /// Connected devices of an app.
@@ -373,7 +406,7 @@ impl Hub {
     pub fn app_targets(&self, app: usize) -> Vec<ConnHandle> {
         let devices = &self.apps[app].devices;
         let mut out = Vec::with_capacity(devices.len());
-        out.extend(devices.iter().map(|e| e.value().clone()));
+        out.extend(devices.iter().map(|e| e.key().0.clone()));
         out
     }
 
@@ -381,7 +414,7 @@ impl Hub {
     pub fn all_targets(&self) -> Vec<ConnHandle> {
         let mut out = Vec::with_capacity(self.live());
         for app in 0..self.apps.len() {
-            out.extend(self.apps[app].devices.iter().map(|e| e.value().clone()));
+            out.extend(self.apps[app].devices.iter().map(|e| e.key().0.clone()));
         }
         out
     }
