@@ -9,14 +9,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Sleep;
 use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
-use tokio_tungstenite::WebSocketStream;
 
 use crate::dispatch::now_ms;
 use crate::hub::{ConnHandle, Out};
@@ -25,6 +23,7 @@ use crate::protocol::{self, CloseReason, DeviceFrame, FrameError};
 
 use super::handshake::Admitted;
 use super::ticker::unix_secs;
+use super::ws::Ws;
 use super::DeviceCtx;
 
 /// Refused frames (`bad_frame`, `unknown_type`) tolerated on one connection;
@@ -153,7 +152,7 @@ enum WriteFail {
 /// state. Built once, then driven by [`Connection::run`] through
 /// `&mut self`, so no async layer holds a second copy of it.
 pub struct Connection<S> {
-    ws: WebSocketStream<S>,
+    ws: Ws<S>,
     session: Session,
 }
 
@@ -164,13 +163,7 @@ where
     /// Take over an upgraded stream (`admitted.leftover` are early bytes
     /// the device sent after its request head).
     pub async fn open(ctx: Arc<DeviceCtx>, stream: S, admitted: Admitted) -> Connection<S> {
-        let ws = Box::pin(WebSocketStream::from_partially_read(
-            stream,
-            admitted.leftover,
-            Role::Server,
-            Some(ctx.ws_config),
-        ))
-        .await;
+        let ws = Ws::new(stream, admitted.leftover, ctx.ws_config);
         let app = ctx.hub.app_id(admitted.conn.app);
         ctx.metrics.connections.with_label_values(&[&**app]).inc();
         ctx.metrics
@@ -232,7 +225,7 @@ async fn maybe_sleep(timer: &mut Option<Pin<Box<Sleep>>>) {
 }
 
 impl Session {
-    async fn serve<S>(&mut self, ws: &mut WebSocketStream<S>) -> CloseReason
+    async fn serve<S>(&mut self, ws: &mut Ws<S>) -> CloseReason
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -312,11 +305,7 @@ impl Session {
         result
     }
 
-    async fn send_text<S>(
-        &mut self,
-        ws: &mut WebSocketStream<S>,
-        text: Utf8Bytes,
-    ) -> Result<(), WriteFail>
+    async fn send_text<S>(&mut self, ws: &mut Ws<S>, text: Utf8Bytes) -> Result<(), WriteFail>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -332,7 +321,7 @@ impl Session {
     /// is flushed first, so frames never interleave.
     async fn send_frame<S>(
         &mut self,
-        ws: &mut WebSocketStream<S>,
+        ws: &mut Ws<S>,
         opcode: u8,
         payload: Utf8Bytes,
     ) -> Result<(), WriteFail>
@@ -358,7 +347,7 @@ impl Session {
         result
     }
 
-    async fn flush<S>(&self, ws: &mut WebSocketStream<S>) -> Result<(), WriteFail>
+    async fn flush<S>(&self, ws: &mut Ws<S>) -> Result<(), WriteFail>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -366,7 +355,7 @@ impl Session {
     }
 
     /// Send the `dropped` notice if the store has one for this device.
-    async fn tell_dropped<S>(&mut self, ws: &mut WebSocketStream<S>) -> Result<(), WriteFail>
+    async fn tell_dropped<S>(&mut self, ws: &mut Ws<S>) -> Result<(), WriteFail>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -386,11 +375,7 @@ impl Session {
 
     /// Send every pending message after `last_sent`, in seq order, reading
     /// the store. Used on connect and whenever the queue shows a gap.
-    async fn catch_up<S>(
-        &mut self,
-        ws: &mut WebSocketStream<S>,
-        dropped: bool,
-    ) -> Result<(), WriteFail>
+    async fn catch_up<S>(&mut self, ws: &mut Ws<S>, dropped: bool) -> Result<(), WriteFail>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -438,7 +423,7 @@ impl Session {
         }
     }
 
-    async fn on_queue<S>(&mut self, ws: &mut WebSocketStream<S>) -> Flow
+    async fn on_queue<S>(&mut self, ws: &mut Ws<S>) -> Flow
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -474,7 +459,7 @@ impl Session {
         }
     }
 
-    async fn send_out<S>(&mut self, ws: &mut WebSocketStream<S>, out: Out) -> Result<(), WriteFail>
+    async fn send_out<S>(&mut self, ws: &mut Ws<S>, out: Out) -> Result<(), WriteFail>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -498,11 +483,7 @@ impl Session {
         Ok(())
     }
 
-    async fn on_device<S>(
-        &mut self,
-        ws: &mut WebSocketStream<S>,
-        msg: Option<Result<Message, WsError>>,
-    ) -> Flow
+    async fn on_device<S>(&mut self, ws: &mut Ws<S>, msg: Option<Result<Message, WsError>>) -> Flow
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -610,11 +591,7 @@ impl Session {
         }
     }
 
-    async fn on_tick<S>(
-        &mut self,
-        ws: &mut WebSocketStream<S>,
-        expiry: &mut Option<Pin<Box<Sleep>>>,
-    ) -> Flow
+    async fn on_tick<S>(&mut self, ws: &mut Ws<S>, expiry: &mut Option<Pin<Box<Sleep>>>) -> Flow
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -639,7 +616,7 @@ impl Session {
 
     /// `bye` where the reason has one, then the close frame, then a short
     /// wait for the device's close; everything bounded by `CLOSE_WAIT`.
-    async fn close<S>(&mut self, ws: &mut WebSocketStream<S>, reason: CloseReason, retry_ms: u64)
+    async fn close<S>(&mut self, ws: &mut Ws<S>, reason: CloseReason, retry_ms: u64)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {

@@ -4,6 +4,7 @@
 pub mod conn;
 pub mod handshake;
 pub mod ticker;
+mod ws;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -306,7 +307,7 @@ mod tests {
         let fut = drive(Box::pin(upgrade(incoming)));
         let size = std::mem::size_of_val(&fut);
         println!("plaintext connection task future: {size} bytes");
-        // Measured 776 bytes (tokio 1.54, tokio-tungstenite 0.30). tokio
+        // Measured 760 bytes (tokio 1.54, tungstenite 0.30). tokio
         // allocates a task as a 128-byte aligned cell of the future plus
         // about 104 bytes: up to 792 bytes that is an 896-byte cell, above
         // it a 1024-byte one.
