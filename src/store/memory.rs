@@ -59,14 +59,26 @@ struct Device {
     app: Arc<str>,
     name: Arc<str>,
     next_seq: u64,
+    sessions: u64,
+    first_seen_ms: u64,
+    last_seen_ms: u64,
+    /// Allocated with the first message stored: most devices only ever have
+    /// a session record, and a `Device` sits in a hash table whose buckets
+    /// are paid for even when empty (72 bytes instead of 144 this way).
+    queue: Option<Box<Queue>>,
+}
+
+/// A device's stored messages and their indexes.
+#[derive(Default)]
+struct Queue {
     dropped: u64,
     messages: BTreeMap<u64, Pending>,
     /// collapse key -> seq of the pending message carrying it.
     collapse: HashMap<Arc<str>, u64>,
-    sessions: u64,
-    first_seen_ms: u64,
-    last_seen_ms: u64,
 }
+
+/// The messages of a device that never had one.
+static NO_MESSAGES: BTreeMap<u64, Pending> = BTreeMap::new();
 
 struct Pending {
     id: Arc<str>,
@@ -82,24 +94,33 @@ impl Device {
             app,
             name,
             next_seq: 1,
-            dropped: 0,
-            messages: BTreeMap::new(),
-            collapse: HashMap::new(),
             sessions: 0,
             first_seen_ms: 0,
             last_seen_ms: 0,
+            queue: None,
         }
+    }
+
+    fn messages(&self) -> &BTreeMap<u64, Pending> {
+        self.queue.as_ref().map_or(&NO_MESSAGES, |q| &q.messages)
+    }
+
+    fn queue_mut(&mut self) -> &mut Queue {
+        self.queue.get_or_insert_with(Box::default)
     }
 
     /// Removes one message with its index entries; returns whether it was there.
     fn remove(&mut self, expiry: &mut BTreeSet<ExpiryKey>, seq: u64) -> bool {
-        let Some(msg) = self.messages.remove(&seq) else {
+        let Some(q) = self.queue.as_mut() else {
+            return false;
+        };
+        let Some(msg) = q.messages.remove(&seq) else {
             return false;
         };
         expiry.remove(&(msg.expires_ms, self.app.clone(), self.name.clone(), seq));
         if let Some(key) = &msg.collapse_key {
-            if self.collapse.get(key) == Some(&seq) {
-                self.collapse.remove(key);
+            if q.collapse.get(key) == Some(&seq) {
+                q.collapse.remove(key);
             }
         }
         true
@@ -112,7 +133,7 @@ impl Device {
         mut doomed: impl FnMut(u64, &Pending) -> bool,
     ) -> u64 {
         let seqs: Vec<u64> = self
-            .messages
+            .messages()
             .iter()
             .filter(|(seq, msg)| doomed(**seq, msg))
             .map(|(seq, _)| *seq)
@@ -124,7 +145,7 @@ impl Device {
     }
 
     fn live(&self, now_ms: u64) -> impl Iterator<Item = (&u64, &Pending)> {
-        self.messages
+        self.messages()
             .iter()
             .filter(move |(_, msg)| msg.expires_ms >= now_ms)
     }
@@ -224,15 +245,15 @@ impl MemoryStore {
 
         let mut collapsed = 0;
         if let Some(key) = &msg.collapse_key {
-            if let Some(old) = dev.collapse.get(key).copied() {
+            if let Some(old) = dev.queue_mut().collapse.get(key).copied() {
                 if dev.remove(expiry, old) {
                     collapsed = 1;
                     delta -= 1;
                 }
             }
-            dev.collapse.insert(key.clone(), seq);
+            dev.queue_mut().collapse.insert(key.clone(), seq);
         }
-        dev.messages.insert(
+        dev.queue_mut().messages.insert(
             seq,
             Pending {
                 id: msg.id.clone(),
@@ -245,19 +266,24 @@ impl MemoryStore {
         expiry.insert((msg.expires_ms, dev.app.clone(), dev.name.clone(), seq));
 
         let mut dropped = 0;
-        if dev.messages.len() as u64 > max_pending {
+        if dev.messages().len() as u64 > max_pending {
             let expired = dev.remove_where(expiry, |_, m| m.expires_ms < now_ms);
             self.expired_unreported
                 .fetch_add(expired, Ordering::Relaxed);
             delta -= expired as i64;
-            let excess = (dev.messages.len() as u64).saturating_sub(max_pending);
-            let oldest: Vec<u64> = dev.messages.keys().take(excess as usize).copied().collect();
+            let excess = (dev.messages().len() as u64).saturating_sub(max_pending);
+            let oldest: Vec<u64> = dev
+                .messages()
+                .keys()
+                .take(excess as usize)
+                .copied()
+                .collect();
             for old in oldest {
                 dev.remove(expiry, old);
             }
             dropped = excess;
             delta -= excess as i64;
-            dev.dropped += excess;
+            dev.queue_mut().dropped += excess;
         }
         drop(shard);
         self.add_pending(delta);
@@ -322,7 +348,7 @@ impl Store for MemoryStore {
             return Ok(Vec::new());
         };
         Ok(dev
-            .messages
+            .messages()
             .range(after_seq.saturating_add(1)..)
             .filter(|(seq, msg)| **seq > after_seq && msg.expires_ms >= now_ms)
             .take(limit)
@@ -347,7 +373,10 @@ impl Store for MemoryStore {
     async fn take_dropped(&self, app: &str, device: &str) -> Result<u64, StoreError> {
         let mut shard = self.shard(app, device);
         Ok(match shard.device_mut(app, device) {
-            Some((dev, _)) => std::mem::take(&mut dev.dropped),
+            Some((dev, _)) => dev
+                .queue
+                .as_mut()
+                .map_or(0, |q| std::mem::take(&mut q.dropped)),
             None => 0,
         })
     }
@@ -463,6 +492,12 @@ mod tests {
         assert_eq!(s.expire(1000).await.expect("expire").expired, 0);
         assert_eq!(s.expire(1001).await.expect("expire").expired, 500);
         assert_eq!(s.pending_total(), 0);
+    }
+
+    #[test]
+    fn device_record_is_small() {
+        let size = std::mem::size_of::<Device>();
+        assert!(size <= 72, "Device is {size} bytes");
     }
 
     #[tokio::test]
