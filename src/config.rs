@@ -365,7 +365,27 @@ pub fn parse_with_env(
 /// `127.0.0.1:8080`, the API on `127.0.0.1:8081`, one app `demo` whose
 /// device secret and API key are new random values at each call, a redb
 /// store under `data_dir`, every other key at its default.
+/// Where `serve --dev` keeps its random device secret and API key for a
+/// successor it starts on SIGHUP, so that a hand-over keeps the devices'
+/// tokens and the backends' key valid.
+pub const DEV_SECRET_ENV: &str = "PUSHGATE_DEV_DEVICE_SECRET";
+/// See [`DEV_SECRET_ENV`].
+pub const DEV_KEY_ENV: &str = "PUSHGATE_DEV_API_KEY";
+
+/// The development config; its secret and key are random, or those of
+/// [`DEV_SECRET_ENV`] and [`DEV_KEY_ENV`] when both are set (a hand-over).
 pub fn dev(data_dir: &Path) -> Config {
+    let inherited = std::env::var(DEV_SECRET_ENV)
+        .ok()
+        .zip(std::env::var(DEV_KEY_ENV).ok());
+    dev_with(data_dir, inherited)
+}
+
+/// [`dev`] with the (device secret, API key) to keep, if any.
+fn dev_with(data_dir: &Path, inherited: Option<(String, String)>) -> Config {
+    let (secret, key) = inherited
+        .filter(|(secret, key)| !secret.is_empty() && !key.is_empty())
+        .unwrap_or_else(|| (random_hex(32), format!("pgk_{}", random_hex(24))));
     Config {
         device: DeviceConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
@@ -379,11 +399,7 @@ pub fn dev(data_dir: &Path) -> Config {
             ..StoreConfig::default()
         },
         shutdown: ShutdownConfig::default(),
-        apps: vec![AppConfig::new(
-            "demo",
-            random_hex(32),
-            vec![format!("pgk_{}", random_hex(24))],
-        )],
+        apps: vec![AppConfig::new("demo", secret, vec![key])],
     }
 }
 
@@ -1318,6 +1334,22 @@ max_messages_per_sec = 0     # messages accepted per second for this app (each m
                 path.display()
             )
         );
+    }
+
+    #[test]
+    fn dev_config_keeps_an_inherited_secret_and_key() {
+        let kept = dev_with(
+            Path::new("pushgate-data"),
+            Some(("ab".repeat(32), "pgk_kept".into())),
+        );
+        assert_eq!(kept.apps[0].secret(), "ab".repeat(32));
+        assert_eq!(kept.apps[0].keys(), ["pgk_kept".to_string()]);
+        // Half given is not given.
+        let fresh = dev_with(
+            Path::new("pushgate-data"),
+            Some((String::new(), "k".into())),
+        );
+        assert_ne!(fresh.apps[0].keys(), ["k".to_string()]);
     }
 
     #[test]

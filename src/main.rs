@@ -136,7 +136,18 @@ fn serve(args: ServeArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        None => config::dev(Path::new(DEV_DATA_DIR)),
+        None => {
+            let config = config::dev(Path::new(DEV_DATA_DIR));
+            // A successor started on SIGHUP inherits them: same tokens and
+            // key across a hand-over. Before the runtime starts threads.
+            if let Some(app) = config.apps.first() {
+                std::env::set_var(config::DEV_SECRET_ENV, app.secret());
+                if let Some(key) = app.keys().first() {
+                    std::env::set_var(config::DEV_KEY_ENV, key);
+                }
+            }
+            config
+        }
     };
     // Before the runtime starts threads: this edits the environment.
     let activated = match pushgate::net::take_activated_listeners() {
