@@ -5,7 +5,7 @@
 //! only parses, authenticates and maps errors; everything it promises is
 //! kept here.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -79,6 +79,9 @@ pub struct Dispatcher {
     limits: Box<[RateLimiter]>,
     queue_cap: usize,
     max_pending: u64,
+    /// The store's ack total when the acked counter was last brought up to
+    /// it (a lock, so that two renders at once do not both add the gap).
+    acked_seen: Mutex<u64>,
 }
 
 impl Dispatcher {
@@ -102,6 +105,7 @@ impl Dispatcher {
                 .collect(),
             queue_cap,
             max_pending,
+            acked_seen: Mutex::new(0),
         }
     }
 
@@ -381,6 +385,17 @@ impl Dispatcher {
     /// Refresh gauges that are read from elsewhere, then render metrics.
     pub fn render_metrics(&self) -> String {
         self.metrics.pending.set(self.store.pending_total() as i64);
+        {
+            // Acks are counted by the store (connection tasks do not wait
+            // for them): carry its total over to the counter.
+            let mut seen = self
+                .acked_seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let total = self.store.acked_total();
+            self.metrics.acked.inc_by(total.saturating_sub(*seen));
+            *seen = (*seen).max(total);
+        }
         self.metrics.render()
     }
 }

@@ -41,7 +41,7 @@ use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, RwLock};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -69,6 +69,11 @@ const SCHEMA: u64 = 1;
 /// How long non-durable commits (acks, sessions) may wait for an fsync when
 /// the writer has nothing else to do.
 const IDLE_SYNC: Duration = Duration::from_millis(500);
+
+/// How long queued acks wait for another request to share its transaction
+/// before they get one of their own. Nobody waits on them, and under load
+/// a message commit comes long before: acks then cost no commit at all.
+const ACK_DELAY: Duration = Duration::from_millis(20);
 
 type DeviceKey = (&'static str, &'static str);
 /// (next_seq, dropped, stored, sessions, first_seen_ms, last_seen_ms)
@@ -102,11 +107,28 @@ struct Shared {
     pending_total: AtomicU64,
     /// Write transactions committed since open.
     commits: AtomicU64,
+    /// Acks queued by `ack_queued`, highest seq per (app, device), taken
+    /// whole by the writer at the start of each transaction.
+    acks: Mutex<AckQueue>,
+    /// Messages removed by acks since open.
+    acked_total: AtomicU64,
 }
+
+/// Highest queued ack per app, then device.
+type AckQueue = HashMap<Box<str>, HashMap<Box<str>, u64>>;
 
 struct Request {
     op: Op,
-    reply: oneshot::Sender<Result<Answer, StoreError>>,
+    /// `None` for a request nobody waits for (`Op::Acks`).
+    reply: Option<oneshot::Sender<Result<Answer, StoreError>>>,
+}
+
+impl Request {
+    fn answer(self, answer: Result<Answer, StoreError>) {
+        if let Some(reply) = self.reply {
+            let _ = reply.send(answer);
+        }
+    }
 }
 
 enum Op {
@@ -138,6 +160,9 @@ enum Op {
         now_ms: u64,
     },
     Flush,
+    /// Wakes the writer for the queued acks (sent when the queue stops
+    /// being empty); every transaction takes the queue, this one included.
+    Acks,
 }
 
 impl Op {
@@ -201,6 +226,8 @@ impl RedbStore {
             db: RwLock::new(Some(db.clone())),
             pending_total: AtomicU64::new(pending_total),
             commits: AtomicU64::new(0),
+            acks: Mutex::new(HashMap::new()),
+            acked_total: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -250,7 +277,12 @@ impl RedbStore {
     async fn call(&self, op: Op) -> Result<Answer, StoreError> {
         let (reply, answer) = oneshot::channel();
         let sent = match &self.requests {
-            Some(requests) => requests.send(Request { op, reply }).is_ok(),
+            Some(requests) => requests
+                .send(Request {
+                    op,
+                    reply: Some(reply),
+                })
+                .is_ok(),
             None => false,
         };
         if !sent {
@@ -434,6 +466,8 @@ struct Writer {
 struct Effects {
     pending: i64,
     expired_unreported: u64,
+    /// Messages removed by acks.
+    acked: u64,
 }
 
 impl Writer {
@@ -458,6 +492,12 @@ impl Writer {
             };
             batch.push(first);
             self.fill(&mut batch);
+            if batch.iter().all(|r| matches!(r.op, Op::Acks)) {
+                if let Ok(request) = self.rx.recv_timeout(ACK_DELAY) {
+                    batch.push(request);
+                    self.fill(&mut batch);
+                }
+            }
             let durable = batch.iter().any(|r| r.op.needs_durable());
             self.process(&mut batch, durable);
         }
@@ -493,9 +533,7 @@ impl Writer {
     fn process(&mut self, batch: &mut Vec<Request>, durable: bool) {
         if let Err(why) = self.ensure_open() {
             for request in batch.drain(..) {
-                let _ = request
-                    .reply
-                    .send(Err(StoreError::Unavailable(why.clone())));
+                request.answer(Err(StoreError::Unavailable(why.clone())));
             }
             return;
         }
@@ -513,8 +551,11 @@ impl Writer {
                         .fetch_sub(effects.pending.unsigned_abs(), Ordering::Relaxed);
                 }
                 self.expired_unreported = effects.expired_unreported;
+                self.shared
+                    .acked_total
+                    .fetch_add(effects.acked, Ordering::Relaxed);
                 for (request, answer) in batch.drain(..).zip(answers) {
-                    let _ = request.reply.send(Ok(answer));
+                    request.answer(Ok(answer));
                 }
             }
             Err(e) => {
@@ -524,9 +565,7 @@ impl Writer {
                 );
                 self.broken = Some(why.clone());
                 for request in batch.drain(..) {
-                    let _ = request
-                        .reply
-                        .send(Err(StoreError::Unavailable(why.clone())));
+                    request.answer(Err(StoreError::Unavailable(why.clone())));
                 }
             }
         }
@@ -600,8 +639,18 @@ impl Writer {
         let mut effects = Effects {
             pending: 0,
             expired_unreported: self.expired_unreported,
+            acked: 0,
         };
-        let applied = apply_all(&txn, batch, &mut effects);
+        // Taken whole: acks queued from now on wake the writer again. If
+        // this transaction fails they are lost, which at-least-once allows.
+        let acks = std::mem::take(
+            &mut *self
+                .shared
+                .acks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let applied = apply_all(&txn, &acks, batch, &mut effects);
         match applied {
             Ok(answers) => {
                 txn.commit()?;
@@ -617,13 +666,28 @@ impl Writer {
     }
 }
 
+/// Applies the queued acks, then the batch, in one transaction. The acks
+/// may go first: a device acks only seqs it was sent, which are committed,
+/// and every append in the batch gets a higher seq.
 fn apply_all(
     txn: &WriteTransaction,
+    acks: &AckQueue,
     batch: &[Request],
     fx: &mut Effects,
 ) -> Result<Vec<Answer>, redb::Error> {
     let mut t = Tables::open(txn)?;
-    batch.iter().map(|r| t.apply(&r.op, fx)).collect()
+    for (app, devices) in acks {
+        for (device, seq) in devices {
+            let n = t.remove_upto(app, device, *seq, fx)?;
+            fx.acked += n;
+        }
+    }
+    let answers = batch
+        .iter()
+        .map(|r| t.apply(&r.op, fx))
+        .collect::<Result<Vec<_>, _>>()?;
+    t.write_rows()?;
+    Ok(answers)
 }
 
 /// The tables of one write transaction.
@@ -632,6 +696,11 @@ struct Tables<'t> {
     pending: Table<'t, PendingKey, PendingValue>,
     expiry: Table<'t, ExpiryKey, ()>,
     collapse: Table<'t, CollapseKey, u64>,
+    /// Device rows read or changed in this transaction, by app then
+    /// device, with whether they changed: a device appended to or acked
+    /// many times in one batch has its row read once and written once
+    /// (by `write_rows`, before the commit).
+    rows: HashMap<Box<str>, HashMap<Box<str>, (DeviceRow, bool)>>,
 }
 
 impl<'t> Tables<'t> {
@@ -641,6 +710,7 @@ impl<'t> Tables<'t> {
             pending: txn.open_table(PENDING)?,
             expiry: txn.open_table(EXPIRY)?,
             collapse: txn.open_table(COLLAPSE)?,
+            rows: HashMap::new(),
         })
     }
 
@@ -658,7 +728,11 @@ impl<'t> Tables<'t> {
                 }
                 Answer::Appended(out)
             }
-            Op::Ack { app, device, seq } => Answer::Count(self.remove_upto(app, device, *seq, fx)?),
+            Op::Ack { app, device, seq } => {
+                let n = self.remove_upto(app, device, *seq, fx)?;
+                fx.acked += n;
+                Answer::Count(n)
+            }
             Op::Purge { app, device } => {
                 Answer::Count(self.remove_upto(app, device, u64::MAX, fx)?)
             }
@@ -691,19 +765,52 @@ impl<'t> Tables<'t> {
                 let expired = removed + std::mem::take(&mut fx.expired_unreported);
                 Answer::Count(expired)
             }
-            Op::Flush => Answer::Done,
+            Op::Flush | Op::Acks => Answer::Done,
         })
     }
 
-    fn row(&self, app: &str, device: &str) -> Result<Option<DeviceRow>, redb::Error> {
-        Ok(self
+    fn row(&mut self, app: &str, device: &str) -> Result<Option<DeviceRow>, redb::Error> {
+        if let Some((row, _)) = self.rows.get(app).and_then(|d| d.get(device)) {
+            return Ok(Some(*row));
+        }
+        let found = self
             .devices
             .get((app, device))?
-            .map(|v| DeviceRow::from_value(v.value())))
+            .map(|v| DeviceRow::from_value(v.value()));
+        if let Some(row) = found {
+            self.cache_row(app, device, row, false);
+        }
+        Ok(found)
     }
 
+    /// Changes the row in this transaction; `write_rows` stores it.
     fn put_row(&mut self, app: &str, device: &str, row: &DeviceRow) -> Result<(), redb::Error> {
-        self.devices.insert((app, device), row.value())?;
+        self.cache_row(app, device, *row, true);
+        Ok(())
+    }
+
+    fn cache_row(&mut self, app: &str, device: &str, row: DeviceRow, dirty: bool) {
+        let devices = match self.rows.get_mut(app) {
+            Some(devices) => devices,
+            None => self.rows.entry(app.into()).or_default(),
+        };
+        match devices.get_mut(device) {
+            Some(entry) => *entry = (row, entry.1 || dirty),
+            None => {
+                devices.insert(device.into(), (row, dirty));
+            }
+        }
+    }
+
+    /// Stores every row changed in this transaction.
+    fn write_rows(&mut self) -> Result<(), redb::Error> {
+        for (app, devices) in &self.rows {
+            for (device, (row, dirty)) in devices {
+                if *dirty {
+                    self.devices.insert((&**app, &**device), row.value())?;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -948,7 +1055,12 @@ impl Store for RedbStore {
                     max_pending,
                 };
                 let sent = match &self.requests {
-                    Some(requests) => requests.send(Request { op, reply }).is_ok(),
+                    Some(requests) => requests
+                        .send(Request {
+                            op,
+                            reply: Some(reply),
+                        })
+                        .is_ok(),
                     None => false,
                 };
                 Some(sent.then_some(answer))
@@ -1009,6 +1121,43 @@ impl Store for RedbStore {
             seq,
         })
         .await
+    }
+
+    fn ack_queued(&self, app: &str, device: &str, seq: u64) {
+        let wake = {
+            let mut acks = self
+                .shared
+                .acks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let was_empty = acks.is_empty();
+            // Keys are allocated only for a device not queued yet.
+            let devices = match acks.get_mut(app) {
+                Some(devices) => devices,
+                None => acks.entry(app.into()).or_default(),
+            };
+            match devices.get_mut(device) {
+                Some(highest) => *highest = (*highest).max(seq),
+                None => {
+                    devices.insert(device.into(), seq);
+                }
+            }
+            was_empty
+        };
+        // Only the first ack into an empty queue wakes the writer: the
+        // writer takes the whole queue with every transaction.
+        if wake {
+            if let Some(requests) = &self.requests {
+                let _ = requests.send(Request {
+                    op: Op::Acks,
+                    reply: None,
+                });
+            }
+        }
+    }
+
+    fn acked_total(&self) -> u64 {
+        self.shared.acked_total.load(Ordering::Relaxed)
     }
 
     async fn purge(&self, app: &str, device: &str) -> Result<u64, StoreError> {
