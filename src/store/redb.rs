@@ -75,6 +75,12 @@ const IDLE_SYNC: Duration = Duration::from_millis(500);
 /// a message commit comes long before: acks then cost no commit at all.
 const ACK_DELAY: Duration = Duration::from_millis(20);
 
+/// Most work queued acks may add to one transaction (messages removed plus
+/// devices looked at); the rest waits for the next. Without a bound, 10k
+/// devices acking a redelivered backlog at once made one transaction of a
+/// million removals, and every API call behind it waited seconds.
+const ACK_BUDGET: u64 = 2048;
+
 type DeviceKey = (&'static str, &'static str);
 /// (next_seq, dropped, stored, sessions, first_seen_ms, last_seen_ms)
 type DeviceValue = (u64, u64, u64, u64, u64, u64);
@@ -243,6 +249,7 @@ impl RedbStore {
             max_wait: Duration::from_micros(commit_max_wait_us),
             expired_unreported: 0,
             unsynced: false,
+            acks_left: false,
         };
         let handle = std::thread::Builder::new()
             .name("pushgate-store".into())
@@ -459,6 +466,9 @@ struct Writer {
     expired_unreported: u64,
     /// Whether a commit without fsync happened since the last durable one.
     unsynced: bool,
+    /// Queued acks were put back for lack of budget: run another
+    /// transaction without waiting for a request.
+    acks_left: bool,
 }
 
 /// What a committed batch changed in the shared counters.
@@ -474,6 +484,17 @@ impl Writer {
     fn run(mut self) {
         let mut batch = Vec::with_capacity(self.max_batch.min(1024));
         loop {
+            if self.acks_left {
+                match self.rx.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(mpsc::TryRecvError::Empty) => {}
+                    Err(mpsc::TryRecvError::Disconnected) => break,
+                }
+                self.fill(&mut batch);
+                let durable = batch.iter().any(|r| r.op.needs_durable());
+                self.process(&mut batch, durable);
+                continue;
+            }
             let first = if self.unsynced {
                 match self.rx.recv_timeout(IDLE_SYNC) {
                     Ok(request) => request,
@@ -492,7 +513,7 @@ impl Writer {
             };
             batch.push(first);
             self.fill(&mut batch);
-            if batch.iter().all(|r| matches!(r.op, Op::Acks)) {
+            if !self.acks_left && batch.iter().all(|r| matches!(r.op, Op::Acks)) {
                 if let Ok(request) = self.rx.recv_timeout(ACK_DELAY) {
                     batch.push(request);
                     self.fill(&mut batch);
@@ -531,6 +552,7 @@ impl Writer {
 
     /// Applies and commits `batch`, then answers everyone in it.
     fn process(&mut self, batch: &mut Vec<Request>, durable: bool) {
+        self.acks_left = false;
         if let Err(why) = self.ensure_open() {
             for request in batch.drain(..) {
                 request.answer(Err(StoreError::Unavailable(why.clone())));
@@ -538,7 +560,10 @@ impl Writer {
             return;
         }
         match self.commit_batch(batch, durable) {
-            Ok((answers, effects)) => {
+            Ok((answers, effects, left)) => {
+                if !left.is_empty() {
+                    self.put_back(left);
+                }
                 // A durable commit also makes every earlier one durable.
                 self.unsynced = !durable;
                 if effects.pending >= 0 {
@@ -569,6 +594,24 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Queues acks again that a transaction had no budget for (merged with
+    /// any queued since), and makes the writer go on without waiting.
+    fn put_back(&mut self, left: AckQueue) {
+        let mut acks = self
+            .shared
+            .acks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (app, devices) in left {
+            let queued = acks.entry(app).or_default();
+            for (device, seq) in devices {
+                let highest = queued.entry(device).or_insert(seq);
+                *highest = (*highest).max(seq);
+            }
+        }
+        self.acks_left = true;
     }
 
     /// After a failed write, reopens the file (at most once per
@@ -624,11 +667,12 @@ impl Writer {
     }
 
     /// One write transaction for the whole batch: all of it commits or none.
+    /// Returns the queued acks the budget left for later.
     fn commit_batch(
         &self,
         batch: &[Request],
         durable: bool,
-    ) -> Result<(Vec<Answer>, Effects), redb::Error> {
+    ) -> Result<(Vec<Answer>, Effects, AckQueue), redb::Error> {
         let db = self.db.as_ref().ok_or(redb::Error::DatabaseClosed)?;
         let mut txn = db.begin_write()?;
         txn.set_durability(if durable {
@@ -650,12 +694,12 @@ impl Writer {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
-        let applied = apply_all(&txn, &acks, batch, &mut effects);
+        let applied = apply_all(&txn, acks, batch, &mut effects);
         match applied {
-            Ok(answers) => {
+            Ok((answers, left)) => {
                 txn.commit()?;
                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
-                Ok((answers, effects))
+                Ok((answers, effects, left))
             }
             Err(e) => {
                 // Nothing of the batch may become visible.
@@ -666,20 +710,28 @@ impl Writer {
     }
 }
 
-/// Applies the queued acks, then the batch, in one transaction. The acks
+/// Applies queued acks (up to [`ACK_BUDGET`]), then the batch, in one
+/// transaction; returns the answers and the acks left for later. The acks
 /// may go first: a device acks only seqs it was sent, which are committed,
 /// and every append in the batch gets a higher seq.
 fn apply_all(
     txn: &WriteTransaction,
-    acks: &AckQueue,
+    acks: AckQueue,
     batch: &[Request],
     fx: &mut Effects,
-) -> Result<Vec<Answer>, redb::Error> {
+) -> Result<(Vec<Answer>, AckQueue), redb::Error> {
     let mut t = Tables::open(txn)?;
+    let mut spent = 0;
+    let mut left = AckQueue::new();
     for (app, devices) in acks {
         for (device, seq) in devices {
-            let n = t.remove_upto(app, device, *seq, fx)?;
+            if spent >= ACK_BUDGET {
+                left.entry(app.clone()).or_default().insert(device, seq);
+                continue;
+            }
+            let n = t.remove_upto(&app, &device, seq, fx)?;
             fx.acked += n;
+            spent += n + 1;
         }
     }
     let answers = batch
@@ -687,7 +739,7 @@ fn apply_all(
         .map(|r| t.apply(&r.op, fx))
         .collect::<Result<Vec<_>, _>>()?;
     t.write_rows()?;
-    Ok(answers)
+    Ok((answers, left))
 }
 
 /// The tables of one write transaction.
@@ -1507,6 +1559,37 @@ mod tests {
         let ids: Vec<&str> = pending.iter().map(|m| &*m.id).collect();
         let want: Vec<String> = (0..200).map(|i| format!("m{i}")).collect();
         assert_eq!(ids, want.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_ack_backlog_is_spread_over_transactions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = RedbStore::open(dir.path(), 4096, 0).expect("open");
+        let devices: Vec<String> = (0..ACK_BUDGET + 500).map(|i| format!("d{i}")).collect();
+        let names: Vec<&str> = devices.iter().map(String::as_str).collect();
+        // One message each: acking them all is more than one budget.
+        s.append("a", &names, &msg("m", 0, 1000, None), 10)
+            .await
+            .expect("append");
+        let before = s.commits();
+        for d in &names {
+            s.ack_queued("a", d, 1);
+        }
+        let want = names.len() as u64;
+        // Each flush is one more transaction; leftovers ride on every one.
+        for _ in 0..10 {
+            s.flush().await.expect("flush");
+            if s.acked_total() == want {
+                break;
+            }
+        }
+        assert_eq!(s.acked_total(), want);
+        assert_eq!(s.pending_total(), 0);
+        assert!(
+            s.commits() - before >= 2,
+            "{} commits",
+            s.commits() - before
+        );
     }
 
     /// An in-memory backend whose writes and syncs fail on demand; clones
