@@ -144,6 +144,13 @@ enum Op {
         msg: NewMessage,
         max_pending: u64,
     },
+    /// The messages of one `append_many`, in order: one request and one
+    /// answer for the lot, not one per message.
+    AppendMany {
+        app: Box<str>,
+        items: Vec<(Vec<Box<str>>, NewMessage)>,
+        max_pending: u64,
+    },
     Ack {
         app: Box<str>,
         device: Box<str>,
@@ -174,12 +181,24 @@ enum Op {
 impl Op {
     /// Whether the caller may only hear back once the batch is fsynced.
     fn needs_durable(&self) -> bool {
-        matches!(self, Op::Append { .. } | Op::Purge { .. } | Op::Flush)
+        matches!(
+            self,
+            Op::Append { .. } | Op::AppendMany { .. } | Op::Purge { .. } | Op::Flush
+        )
+    }
+
+    /// What it counts against `commit_max_batch`: one per message.
+    fn weight(&self) -> usize {
+        match self {
+            Op::AppendMany { items, .. } => items.len().max(1),
+            _ => 1,
+        }
     }
 }
 
 enum Answer {
     Appended(Vec<AppendOutcome>),
+    AppendedMany(Vec<Vec<AppendOutcome>>),
     Count(u64),
     Done,
 }
@@ -296,6 +315,15 @@ impl RedbStore {
             return Err(writer_gone());
         }
         answer.await.map_err(|_| writer_gone())?
+    }
+
+    /// The device's unreported dropped count as last committed (0 for a
+    /// device never seen).
+    fn read_dropped(&self, app: &str, device: &str) -> Result<u64, StoreError> {
+        let txn = self.db()?.begin_read().map_err(unavailable)?;
+        let devices = txn.open_table(DEVICES).map_err(unavailable)?;
+        let row = devices.get((app, device)).map_err(unavailable)?;
+        Ok(row.map_or(0, |v| DeviceRow::from_value(v.value()).dropped))
     }
 
     async fn count(&self, op: Op) -> Result<u64, StoreError> {
@@ -529,9 +557,13 @@ impl Writer {
     /// while the batch has something to fsync.
     fn fill(&self, batch: &mut Vec<Request>) {
         let deadline = Instant::now() + self.max_wait;
-        while batch.len() < self.max_batch {
+        let mut weight: usize = batch.iter().map(|r| r.op.weight()).sum();
+        while weight < self.max_batch {
             match self.rx.try_recv() {
-                Ok(request) => batch.push(request),
+                Ok(request) => {
+                    weight += request.op.weight();
+                    batch.push(request);
+                }
                 Err(mpsc::TryRecvError::Disconnected) => break,
                 Err(mpsc::TryRecvError::Empty) => {
                     if self.max_wait.is_zero() || !batch.iter().any(|r| r.op.needs_durable()) {
@@ -542,7 +574,10 @@ impl Writer {
                         break;
                     }
                     match self.rx.recv_timeout(deadline - now) {
-                        Ok(request) => batch.push(request),
+                        Ok(request) => {
+                            weight += request.op.weight();
+                            batch.push(request);
+                        }
                         Err(_) => break,
                     }
                 }
@@ -779,6 +814,21 @@ impl<'t> Tables<'t> {
                     out.push(self.append(app, device, msg, *max_pending, fx)?);
                 }
                 Answer::Appended(out)
+            }
+            Op::AppendMany {
+                app,
+                items,
+                max_pending,
+            } => {
+                let mut all = Vec::with_capacity(items.len());
+                for (devices, msg) in items {
+                    let mut out = Vec::with_capacity(devices.len());
+                    for device in devices {
+                        out.push(self.append(app, device, msg, *max_pending, fx)?);
+                    }
+                    all.push(out);
+                }
+                Answer::AppendedMany(all)
             }
             Op::Ack { app, device, seq } => {
                 let n = self.remove_upto(app, device, *seq, fx)?;
@@ -1089,49 +1139,54 @@ impl Store for RedbStore {
         items: &[(Vec<&str>, NewMessage)],
         max_pending: u64,
     ) -> Vec<Result<Vec<AppendOutcome>, StoreError>> {
-        // Queued one after the other before waiting for any: the writer
-        // applies its queue in order, so seqs follow the slice, and the whole
-        // lot shares as few commits as `commit_max_batch` allows.
-        let app: Box<str> = app.into();
-        let waiting: Vec<_> = items
+        // One request for the lot: the writer applies it in slice order (so
+        // seqs follow the slice) in one transaction, and answers once. A
+        // failed commit fails every item, which the trait allows.
+        let op = Op::AppendMany {
+            app: app.into(),
+            items: items
+                .iter()
+                .filter(|(devices, _)| !devices.is_empty())
+                .map(|(devices, msg)| {
+                    (devices.iter().map(|d| Box::from(*d)).collect(), msg.clone())
+                })
+                .collect(),
+            max_pending,
+        };
+        let answer = if items.iter().all(|(devices, _)| devices.is_empty()) {
+            Ok(Answer::AppendedMany(Vec::new()))
+        } else {
+            self.call(op).await
+        };
+        let mut stored = match answer {
+            Ok(Answer::AppendedMany(all)) => all.into_iter(),
+            Ok(_) => return items.iter().map(|_| Err(mismatch())).collect(),
+            Err(e) => {
+                let why = match e {
+                    StoreError::Unavailable(why) => why,
+                    other => other.to_string(),
+                };
+                return items
+                    .iter()
+                    .map(|(devices, _)| {
+                        if devices.is_empty() {
+                            Ok(Vec::new())
+                        } else {
+                            Err(StoreError::Unavailable(why.clone()))
+                        }
+                    })
+                    .collect();
+            }
+        };
+        items
             .iter()
-            .map(|(devices, msg)| {
+            .map(|(devices, _)| {
                 if devices.is_empty() {
-                    return None;
+                    return Ok(Vec::new());
                 }
-                let (reply, answer) = oneshot::channel();
-                let op = Op::Append {
-                    app: app.clone(),
-                    devices: devices.iter().map(|d| Box::from(*d)).collect(),
-                    msg: msg.clone(),
-                    max_pending,
-                };
-                let sent = match &self.requests {
-                    Some(requests) => requests
-                        .send(Request {
-                            op,
-                            reply: Some(reply),
-                        })
-                        .is_ok(),
-                    None => false,
-                };
-                Some(sent.then_some(answer))
+                stored.next().ok_or_else(mismatch)
             })
-            .collect();
-        let mut out = Vec::with_capacity(waiting.len());
-        for answer in waiting {
-            out.push(match answer {
-                None => Ok(Vec::new()),
-                Some(None) => Err(writer_gone()),
-                Some(Some(answer)) => match answer.await {
-                    Ok(Ok(Answer::Appended(outcomes))) => Ok(outcomes),
-                    Ok(Ok(_)) => Err(mismatch()),
-                    Ok(Err(e)) => Err(e),
-                    Err(_) => Err(writer_gone()),
-                },
-            });
-        }
-        out
+            .collect()
     }
 
     async fn pending(
@@ -1221,6 +1276,13 @@ impl Store for RedbStore {
     }
 
     async fn take_dropped(&self, app: &str, device: &str) -> Result<u64, StoreError> {
+        // Every connect asks, and almost every device has nothing dropped:
+        // a read (which never waits for the writer) answers those. A drop
+        // committed after this read is told with the message that caused
+        // it (its frame asks for a fresh look).
+        if let Ok(0) = self.read_dropped(app, device) {
+            return Ok(0);
+        }
         self.count(Op::TakeDropped {
             app: app.into(),
             device: device.into(),
