@@ -79,7 +79,7 @@ const ACK_DELAY: Duration = Duration::from_millis(20);
 /// devices looked at); the rest waits for the next. Without a bound, 10k
 /// devices acking a redelivered backlog at once made one transaction of a
 /// million removals, and every API call behind it waited seconds.
-const ACK_BUDGET: u64 = 2048;
+const ACK_BUDGET: u64 = 512;
 
 type DeviceKey = (&'static str, &'static str);
 /// (next_seq, dropped, stored, sessions, first_seen_ms, last_seen_ms)
@@ -1054,11 +1054,26 @@ impl<'t> Tables<'t> {
         if row.stored == 0 {
             return Ok(0);
         }
-        let seqs = self.seqs(app, device, upto, |_| true)?;
-        for seq in &seqs {
-            self.remove_one(app, device, *seq)?;
+        // One pass over the device's range (redb rewrites the leaves it
+        // touches once) instead of a lookup and a removal per message; the
+        // index entries of what it removed go after.
+        let mut gone: Vec<(u64, u64, Option<Box<str>>)> = Vec::new();
+        self.pending
+            .retain_in((app, device, 0)..=(app, device, upto), |key, value| {
+                let (_, _, _, expires_ms, collapse_key) = value;
+                gone.push((key.2, expires_ms, collapse_key.map(Box::from)));
+                false
+            })?;
+        for (seq, expires_ms, collapse_key) in &gone {
+            self.expiry.remove((*expires_ms, app, device, *seq))?;
+            if let Some(key) = collapse_key.as_deref() {
+                let current = self.collapse.get((app, device, key))?.map(|v| v.value());
+                if current == Some(*seq) {
+                    self.collapse.remove((app, device, key))?;
+                }
+            }
         }
-        let n = seqs.len() as u64;
+        let n = gone.len() as u64;
         if n > 0 {
             row.stored -= n;
             fx.pending -= n as i64;
