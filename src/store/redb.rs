@@ -30,6 +30,15 @@
 //! made durable by the next durable commit, which the writer forces within
 //! half a second when idle, and by closing the store).
 //!
+//! Acks from connections (`ack_queued`) are not requests: they go into a map
+//! of the highest seq per device, and every transaction takes its share of
+//! the map first (bounded: `ACK_BUDGET` plus two per message it stores; the
+//! rest stays queued and the writer goes on at once). Only the first ack into
+//! an empty map sends the writer a wake-up, and a transaction of acks alone
+//! waits up to `ACK_DELAY` for a request to share it with. A batch call
+//! (`append_many`) is one request, weighing one per message against
+//! `commit_max_batch`.
+//!
 //! After a failed write redb refuses every write until the file is reopened;
 //! the writer reopens it before the next batch (at most once a second), so a
 //! passing fault such as a full disk heals without restarting the gateway.
@@ -792,6 +801,9 @@ fn apply_all(
     Ok((answers, left))
 }
 
+/// Device rows of one transaction by app, then device, with whether changed.
+type RowCache = HashMap<Box<str>, HashMap<Box<str>, (DeviceRow, bool)>>;
+
 /// The tables of one write transaction.
 struct Tables<'t> {
     devices: Table<'t, DeviceKey, DeviceValue>,
@@ -802,7 +814,7 @@ struct Tables<'t> {
     /// device, with whether they changed: a device appended to or acked
     /// many times in one batch has its row read once and written once
     /// (by `write_rows`, before the commit).
-    rows: HashMap<Box<str>, HashMap<Box<str>, (DeviceRow, bool)>>,
+    rows: RowCache,
 }
 
 impl<'t> Tables<'t> {
