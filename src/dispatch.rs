@@ -5,7 +5,7 @@
 //! only parses, authenticates and maps errors; everything it promises is
 //! kept here.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -83,6 +83,9 @@ pub struct Dispatcher {
     /// After a hand-over: topic and broadcast frames also go to the old
     /// process, for the devices it is still draining.
     relay: OnceLock<Relay>,
+    /// The store's ack total when the acked counter was last brought up to
+    /// it (a lock, so that two renders at once do not both add the gap).
+    acked_seen: Mutex<u64>,
 }
 
 impl Dispatcher {
@@ -107,6 +110,7 @@ impl Dispatcher {
             queue_cap,
             max_pending,
             relay: OnceLock::new(),
+            acked_seen: Mutex::new(0),
         }
     }
 
@@ -428,6 +432,17 @@ impl Dispatcher {
     /// Refresh gauges that are read from elsewhere, then render metrics.
     pub fn render_metrics(&self) -> String {
         self.metrics.pending.set(self.store.pending_total() as i64);
+        {
+            // Acks are counted by the store (connection tasks do not wait
+            // for them): carry its total over to the counter.
+            let mut seen = self
+                .acked_seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let total = self.store.acked_total();
+            self.metrics.acked.inc_by(total.saturating_sub(*seen));
+            *seen = (*seen).max(total);
+        }
         self.metrics.render()
     }
 }

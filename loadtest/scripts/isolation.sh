@@ -56,7 +56,7 @@ b=(device --app b --secret isolation-secret-b-0123456789 --api-key isolation-key
 
 echo "== app b alone: $RATE device pushes/s for $DURATION s"
 "${lt[@]}" "${b[@]}" >"$dir/alone.txt" 2>&1 || true
-grep -E "latency|pushes|lost|dup" "$dir/alone.txt" || cat "$dir/alone.txt"
+grep -E "latency|api p50|pushes|lost|dup" "$dir/alone.txt" || cat "$dir/alone.txt"
 
 echo "== app b while app a broadcasts to $N devices ($BROADCASTS broadcasts, ${INTERVAL_MS} ms apart)"
 "${lt[@]}" broadcast --app a --secret isolation-secret-a-0123456789 --api-key isolation-key-a \
@@ -71,6 +71,6 @@ for _ in $(seq 600); do
 done
 "${lt[@]}" "${b[@]}" >"$dir/during.txt" 2>&1 || true
 wait "$a" || true
-grep -E "latency|pushes|lost|dup" "$dir/during.txt" || cat "$dir/during.txt"
+grep -E "latency|api p50|pushes|lost|dup" "$dir/during.txt" || cat "$dir/during.txt"
 echo "-- app a:"
 grep -E "deliver|latency|lost" "$dir/a.txt" || tail -n 20 "$dir/a.txt"

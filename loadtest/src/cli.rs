@@ -76,6 +76,11 @@ pub enum Scenario {
     /// `bench --restart`, the gateway restarts (with `bench --takeover`, a new
     /// process takes over): time until all are back.
     Storm,
+    /// Before any device connects, `--backlog` messages are stored for
+    /// each; then all connect at once while pushes go on as in `device`
+    /// (`--rate`, `--duration`, `--batch`): time until every stored message
+    /// is redelivered, and the pushes' latency meanwhile.
+    Redeliver,
 }
 
 impl Scenario {
@@ -86,6 +91,7 @@ impl Scenario {
             Scenario::Topic => "topic",
             Scenario::Device => "device",
             Scenario::Storm => "storm",
+            Scenario::Redeliver => "redeliver",
         }
     }
 
@@ -93,7 +99,7 @@ impl Scenario {
     pub fn needs_api(self) -> bool {
         matches!(
             self,
-            Scenario::Broadcast | Scenario::Topic | Scenario::Device
+            Scenario::Broadcast | Scenario::Topic | Scenario::Device | Scenario::Redeliver
         )
     }
 }
@@ -205,6 +211,10 @@ pub struct LoadOpts {
     /// Extra payload bytes per message (a padding string in `data`).
     #[arg(long, default_value_t = 0)]
     pub payload_bytes: usize,
+    /// redeliver: messages stored for each device before it connects
+    /// (sent as `to.devices` lists of up to 1000 ids, 10 messages a call).
+    #[arg(long, default_value_t = 100)]
+    pub backlog: u64,
     /// storm: drop-and-reconnect rounds.
     #[arg(long, default_value_t = 1)]
     pub rounds: u32,

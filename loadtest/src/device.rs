@@ -25,7 +25,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::net::{self, Stream};
 use crate::token::Signer;
-use crate::wire::{new_hist, topic_name, Kind, Progress, WorkerConfig, WorkerReport};
+use crate::wire::{new_hist, topic_name, Kind, Progress, WorkerConfig, WorkerReport, BACKLOG_TAG};
 
 type Ws = WebSocketStream<Stream>;
 
@@ -63,6 +63,9 @@ pub struct Shared {
     delivered: [AtomicU64; 3],
     first_rx_us: AtomicU64,
     last_rx_us: AtomicU64,
+    backlog_rx: AtomicU64,
+    backlog_last_us: AtomicU64,
+    dropped_rx: AtomicU64,
     /// Initial connects not yet finished.
     pub ramp_pending: AtomicU64,
     /// The ramp has spawned every task it will.
@@ -132,6 +135,9 @@ impl Shared {
             delivered: Default::default(),
             first_rx_us: AtomicU64::new(u64::MAX),
             last_rx_us: AtomicU64::new(0),
+            backlog_rx: AtomicU64::new(0),
+            backlog_last_us: AtomicU64::new(0),
+            dropped_rx: AtomicU64::new(0),
             ramp_pending: AtomicU64::new(cfg.count),
             ramp_spawned: AtomicBool::new(false),
             ramp_start_us: AtomicU64::new(0),
@@ -173,6 +179,9 @@ impl Shared {
             cpu_ms: crate::procstat::self_cpu_ms(),
             ramp_start_us: self.ramp_start_us.load(Ordering::Relaxed),
             ramp_end_us: self.ramp_end_us.load(Ordering::Relaxed),
+            backlog_rx: self.backlog_rx.load(Ordering::Relaxed),
+            backlog_last_us: self.backlog_last_us.load(Ordering::Relaxed),
+            dropped: self.dropped_rx.load(Ordering::Relaxed),
         }
     }
 
@@ -784,6 +793,8 @@ fn on_text(sh: &Shared, dev: &Device, st: &mut DevState, last_seq: &mut u64, tex
         "msg" => on_msg(sh, dev, st, last_seq, frame),
         "dropped" => {
             st.dropped += frame.count.unwrap_or(0);
+            sh.dropped_rx
+                .fetch_add(frame.count.unwrap_or(0), Ordering::Relaxed);
             Action::None
         }
         "error" => {
@@ -820,6 +831,13 @@ fn on_msg(
         .data
         .and_then(|d| serde_json::from_str::<RxPayload<'_>>(d.get()).ok())
         .filter(|p| p.run == sh.cfg.run_id);
+    if payload.as_ref().is_some_and(|p| p.kind == BACKLOG_TAG) {
+        // Stored before the device connected (scenario redeliver): counted
+        // apart, so the pushes' figures stay those of the live ones.
+        sh.backlog_rx.fetch_add(1, Ordering::Relaxed);
+        sh.backlog_last_us.fetch_max(now, Ordering::Relaxed);
+        return ack;
+    }
     let Some((p, kind)) = payload.and_then(|p| Kind::from_tag(&p.kind).map(|k| (p, k))) else {
         st.foreign += 1;
         return ack;

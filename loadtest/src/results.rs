@@ -199,6 +199,30 @@ pub struct Frames {
     pub anomalies: BTreeMap<String, u64>,
 }
 
+/// Scenario redeliver: the stored backlog and how fast it came back.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Redelivery {
+    /// Messages stored per device before it connected.
+    pub backlog_per_device: u64,
+    /// (message, device) pairs the gateway said it stored.
+    pub stored: u64,
+    /// Failed stores by error key (each counts its devices).
+    pub fill_errors: BTreeMap<String, u64>,
+    /// Time to store the backlog.
+    pub fill_secs: f64,
+    /// Backlog messages received once the devices connected.
+    pub redelivered: u64,
+    /// Messages the gateway's pending limit discarded (`dropped` frames):
+    /// pushes that reached a device before its backlog was acked push the
+    /// oldest backlog messages out.
+    pub dropped: u64,
+    /// From the connect command to the last backlog message received.
+    pub redeliver_secs: f64,
+    /// Every stored message came back (or was reported dropped) within the
+    /// time allowed.
+    pub complete: bool,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct StormRound {
     pub round: u32,
@@ -296,6 +320,8 @@ pub struct Results {
     pub deliveries: Vec<Delivery>,
     pub frames: Frames,
     pub storm: Vec<StormRound>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redeliver: Option<Redelivery>,
     pub gateway: Option<GatewayStats>,
     pub client: ClientStats,
     pub timeline: Vec<TimelinePoint>,
@@ -313,6 +339,10 @@ impl Results {
             && self.connections.failed == 0
             && self.connections.gave_up == 0
             && self.connections.unexpected_closes == 0
+            && self
+                .redeliver
+                .as_ref()
+                .is_none_or(|r| r.complete && r.fill_errors.is_empty())
             && self.frames.anomalies.is_empty()
             && self.deliveries.iter().all(|d| {
                 d.lost == 0
@@ -428,6 +458,32 @@ impl Results {
             if d.gateway_online != d.expected && d.kind != "device" {
                 let _ = writeln!(s, "  gateway said online {}", d.gateway_online);
             }
+        }
+        if let Some(r) = &self.redeliver {
+            let rate = |n: u64, secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+            let _ = writeln!(
+                s,
+                "redeliver  backlog {}/device  stored {} in {:.2}s ({:.0}/s){}",
+                r.backlog_per_device,
+                r.stored,
+                r.fill_secs,
+                rate(r.stored, r.fill_secs),
+                if r.fill_errors.is_empty() {
+                    String::new()
+                } else {
+                    format!("  errors: {}", fmt_map(&r.fill_errors))
+                }
+            );
+            let _ = writeln!(
+                s,
+                "  redelivered {}/{} (dropped by the pending limit {}) in {:.2}s after connect ({:.0}/s){}",
+                r.redelivered,
+                r.stored,
+                r.dropped,
+                r.redeliver_secs,
+                rate(r.redelivered, r.redeliver_secs),
+                if r.complete { "" } else { "  INCOMPLETE" }
+            );
         }
         let f = &self.frames;
         if f.foreign > 0 || f.dropped > 0 || !f.anomalies.is_empty() {

@@ -33,6 +33,9 @@ const MAX_CONNECTIONS: u64 = 10_000_000;
 const MAX_WORKERS: u32 = 512;
 /// Most messages one fan-out run sends, and most device pushes.
 const MAX_MESSAGES: u64 = 10_000_000;
+/// Most `--backlog`: the gateway's default `max_pending`, above which the
+/// oldest would be dropped before the devices connect.
+const MAX_BACKLOG: u64 = 100;
 
 /// A validated run: resolved endpoints, worker shares, ids.
 #[derive(Debug, Clone)]
@@ -132,7 +135,20 @@ impl Plan {
                 bail!("--count must be 1..={MAX_MESSAGES}")
             }
             Scenario::Topic if o.topics == 0 => bail!("--topics must be at least 1"),
-            Scenario::Device => {
+            Scenario::Device | Scenario::Redeliver => {
+                if scenario == Scenario::Redeliver {
+                    if o.backlog == 0 || o.backlog > MAX_BACKLOG {
+                        // More than the gateway's default max_pending would
+                        // be dropped before the devices connect.
+                        bail!("--backlog must be 1..={MAX_BACKLOG}");
+                    }
+                    if o.ttl == 0 {
+                        bail!("--ttl 0 is never stored: redeliver needs ttl > 0");
+                    }
+                    if o.backlog.saturating_mul(o.connections) > MAX_MESSAGES {
+                        bail!("-n × --backlog must be at most {MAX_MESSAGES} messages");
+                    }
+                }
                 if !(o.rate.is_finite()
                     && o.rate > 0.0
                     && o.duration.is_finite()
@@ -652,6 +668,96 @@ fn payload(run_id: &str, kind: Kind, k: u64, pad: &str) -> serde_json::Value {
     .unwrap_or_default()
 }
 
+/// Device ids per stored backlog message (`to.devices` allows 1000).
+const BACKLOG_FANOUT: u64 = 1000;
+/// Backlog messages per batch call.
+const BACKLOG_BATCH: usize = 10;
+
+/// What storing the redeliver scenario's backlog did.
+#[derive(Default)]
+struct Fill {
+    stored: u64,
+    errors: BTreeMap<String, u64>,
+    secs: f64,
+}
+
+/// Stores `--backlog` messages for every device before any connects: each
+/// message goes to up to 1000 devices (`to.devices`), ten messages a call,
+/// `--api-conns` calls at a time. Bounded: n × backlog / 1000 messages, each
+/// call by the API timeout.
+async fn fill_backlog(plan: Arc<Plan>, api: Arc<Api>, stop: Stop) -> Fill {
+    let o = &plan.o;
+    let fill = Arc::new(Mutex::new(Fill::default()));
+    let inflight = Arc::new(Semaphore::new(o.api_conns));
+    let pad = "x".repeat(o.payload_bytes);
+    let start = Instant::now();
+    let path = format!("/v1/apps/{}/messages/batch", o.app);
+    let mut msgs = Vec::new();
+    let mut ks = Vec::new();
+    let chunks = o.connections.div_ceil(BACKLOG_FANOUT);
+    for j in 0..o.backlog {
+        for c in 0..chunks {
+            let first = c * BACKLOG_FANOUT;
+            let ids: Vec<String> = (first..(first + BACKLOG_FANOUT).min(o.connections))
+                .map(|g| plan.device_of(g))
+                .collect();
+            ks.push(ids.len() as u64);
+            let data = serde_json::to_value(Payload {
+                ts_us: crate::now_us(),
+                run: plan.run_id.clone(),
+                kind: wire::BACKLOG_TAG.into(),
+                k: j,
+                pad: pad.clone(),
+            })
+            .unwrap_or_default();
+            msgs.push(json!({"to": {"devices": ids}, "data": data, "ttl": o.ttl}));
+            let last = j + 1 == o.backlog && c + 1 == chunks;
+            if msgs.len() < BACKLOG_BATCH && !last {
+                continue;
+            }
+            if stopped(&stop) {
+                break;
+            }
+            let Ok(permit) = inflight.clone().acquire_owned().await else {
+                break;
+            };
+            let body = json!({"messages": std::mem::take(&mut msgs)});
+            let counts = std::mem::take(&mut ks);
+            let (api, fill, path) = (api.clone(), fill.clone(), path.clone());
+            tokio::spawn(async move {
+                let r = api.post_json(&path, &body).await;
+                let mut f = fill.lock().unwrap_or_else(|p| p.into_inner());
+                let results = match &r {
+                    Ok(r) if r.status == 200 => r
+                        .json()
+                        .and_then(|v| v.get("results").and_then(|x| x.as_array()).cloned())
+                        .unwrap_or_default(),
+                    _ => Vec::new(),
+                };
+                for (i, n) in counts.into_iter().enumerate() {
+                    let key = match (&r, results.get(i)) {
+                        (_, Some(e)) if e.get("stored").is_some() => {
+                            f.stored += e["stored"].as_u64().unwrap_or(0);
+                            continue;
+                        }
+                        (_, Some(e)) => {
+                            format!("batch_{}", e["error"]["code"].as_str().unwrap_or("error"))
+                        }
+                        (Ok(r), None) => http_error_key(r),
+                        (Err(_), None) => "transport".to_string(),
+                    };
+                    *f.errors.entry(key).or_insert(0) += n;
+                }
+                drop(permit);
+            });
+        }
+    }
+    let _ = inflight.acquire_many(o.api_conns as u32).await;
+    let mut f = fill.lock().unwrap_or_else(|p| p.into_inner());
+    f.secs = start.elapsed().as_secs_f64();
+    std::mem::take(&mut *f)
+}
+
 /// Broadcasts or topic messages, back to back (or `interval` apart).
 async fn send_fanout(
     plan: Arc<Plan>,
@@ -908,6 +1014,32 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
         _ => false,
     };
 
+    // Redeliver: the backlog is stored before anyone connects, then the
+    // pushes start together with the connects.
+    let mut redeliver: Option<(Redelivery, u64)> = None;
+    let mut live: Option<tokio::task::JoinHandle<SendLog>> = None;
+    let mut live_cpu: Option<f64> = None;
+    if ok && plan.scenario == Scenario::Redeliver {
+        let fill = fill_backlog(plan.clone(), api.clone(), stop.clone()).await;
+        ok = !stopped(&stop);
+        let r = Redelivery {
+            backlog_per_device: o.backlog,
+            stored: fill.stored,
+            fill_errors: fill.errors,
+            fill_secs: fill.secs,
+            ..Redelivery::default()
+        };
+        gs.before_send = probe.sample().await;
+        live_cpu =
+            Some(fleet.latest.iter().map(|p| p.cpu_ms).sum::<f64>() + procstat::self_cpu_ms());
+        redeliver = Some((r, crate::now_us()));
+        live = Some(tokio::spawn(send_devices(
+            plan.clone(),
+            api.clone(),
+            stop.clone(),
+        )));
+    }
+
     // Ramp.
     let ramp_start = Instant::now();
     if ok {
@@ -1009,6 +1141,54 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
                     )
                     .await;
                 ok = matches!(w, Wait::Met | Wait::Timeout);
+                gs.after_send = probe.sample().await;
+                phase_cpu = Some((c0, client_cpu(&fleet)));
+                log = Some(sent);
+            }
+            Scenario::Redeliver => {
+                let c0 = live_cpu.unwrap_or_else(|| client_cpu(&fleet));
+                let (mut r, t0_us) = redeliver.take().unwrap_or_default();
+                let handle = live.take();
+                let w = fleet
+                    .wait_for(
+                        |_| handle.as_ref().is_none_or(|h| h.is_finished()),
+                        Instant::now() + Duration::from_secs_f64(o.duration + 60.0),
+                        &stop,
+                    )
+                    .await;
+                if w == Wait::Timeout {
+                    if let Some(h) = &handle {
+                        h.abort();
+                    }
+                    res.errors.push("sending did not finish in time".into());
+                }
+                let sent = match handle {
+                    Some(h) => h.await.unwrap_or_default(),
+                    None => SendLog::default(),
+                };
+                let owed = sent.owed.len() as u64;
+                let kind = Kind::Device;
+                let want = r.stored;
+                let w = fleet
+                    .wait_for(
+                        |f| {
+                            let p = f.sum();
+                            p.delivered[kind.idx()] >= owed && p.backlog_rx + p.dropped >= want
+                        },
+                        Instant::now()
+                            + Duration::from_secs_f64(o.drain_timeout.max(o.storm_timeout)),
+                        &stop,
+                    )
+                    .await;
+                ok = matches!(w, Wait::Met | Wait::Timeout);
+                let p = fleet.sum();
+                r.redelivered = p.backlog_rx;
+                r.dropped = p.dropped;
+                r.complete = p.backlog_rx + p.dropped >= want;
+                if p.backlog_last_us > t0_us {
+                    r.redeliver_secs = (p.backlog_last_us - t0_us) as f64 / 1e6;
+                }
+                res.redeliver = Some(r);
                 gs.after_send = probe.sample().await;
                 phase_cpu = Some((c0, client_cpu(&fleet)));
                 log = Some(sent);
@@ -1209,14 +1389,16 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
         if let (Some(a), Some(b)) = (gs.before_send, gs.after_send) {
             // A /metrics page without process_cpu_seconds_total reads as 0.
             // Equal readings: less than one 10 ms tick, not measurable.
-            if d.unique > 0 && b.cpu_ms > a.cpu_ms {
-                gs.cpu_ms_per_1000_deliveries =
-                    Some((b.cpu_ms - a.cpu_ms) / d.unique as f64 * 1000.0);
+            // Redeliver: the backlog's deliveries are work of the phase too.
+            let n = d.unique + res.redeliver.as_ref().map_or(0, |r| r.redelivered);
+            if n > 0 && b.cpu_ms > a.cpu_ms {
+                gs.cpu_ms_per_1000_deliveries = Some((b.cpu_ms - a.cpu_ms) / n as f64 * 1000.0);
             }
         }
         if let Some((a, b)) = phase_cpu {
-            if d.unique > 0 {
-                res.client.cpu_ms_per_1000_deliveries = Some((b - a) / d.unique as f64 * 1000.0);
+            let n = d.unique + res.redeliver.as_ref().map_or(0, |r| r.redelivered);
+            if n > 0 {
+                res.client.cpu_ms_per_1000_deliveries = Some((b - a) / n as f64 * 1000.0);
             }
         }
         res.deliveries.push(d);

@@ -33,6 +33,10 @@ pub fn add_pairs(h: &mut Histogram<u64>, pairs: &[(u64, u64)]) {
     }
 }
 
+/// Payload `kind` of the messages the redeliver scenario stores before the
+/// devices connect (not one of the three kinds: counted apart).
+pub const BACKLOG_TAG: &str = "backlog";
+
 /// The three kinds of `msg` frame, told apart by the payload's `kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -203,6 +207,15 @@ pub struct Progress {
     /// ramp time exact anyway.
     pub ramp_start_us: u64,
     pub ramp_end_us: u64,
+    /// redeliver: stored-before-connect messages of this run received, and
+    /// unix µs of the last one (0: none).
+    #[serde(default)]
+    pub backlog_rx: u64,
+    #[serde(default)]
+    pub backlog_last_us: u64,
+    /// Sum of the `dropped` counts received so far.
+    #[serde(default)]
+    pub dropped: u64,
 }
 
 impl Progress {
@@ -238,6 +251,9 @@ impl Progress {
                 s.ramp_start_us = p.ramp_start_us;
             }
             s.ramp_end_us = s.ramp_end_us.max(p.ramp_end_us);
+            s.backlog_rx += p.backlog_rx;
+            s.backlog_last_us = s.backlog_last_us.max(p.backlog_last_us);
+            s.dropped += p.dropped;
         }
         s.ramp_done &= any;
         s

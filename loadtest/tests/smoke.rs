@@ -406,3 +406,38 @@ async fn pushgate_storm_takeover() {
         r.out
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushgate_redeliver() {
+    let r = bench(
+        "redeliver",
+        300,
+        &[
+            "--store",
+            "redb",
+            "--backlog",
+            "20",
+            "--rate",
+            "100",
+            "--duration",
+            "2",
+            "--batch",
+            "5",
+        ],
+    )
+    .await;
+    assert_clean(&r, 300);
+    let d = &r.json["redeliver"];
+    assert_eq!(u(&d["stored"]), 300 * 20, "{}", r.out);
+    assert_eq!(d["complete"], true, "{}", r.out);
+    // Every stored message came back, or the device was told it was
+    // dropped (pushes to a device still reconnecting can push it out).
+    assert!(
+        u(&d["redelivered"]) + u(&d["dropped"]) >= 300 * 20,
+        "{}",
+        r.out
+    );
+    assert!(u(&d["redelivered"]) > 0, "{}", r.out);
+    assert_eq!(u(&r.json["deliveries"][0]["accepted"]), 200, "{}", r.out);
+    assert_gateway_measured(&r);
+}

@@ -691,6 +691,10 @@ impl Store for BrokenStore {
     async fn ack(&self, _: &str, _: &str, _: u64) -> Result<u64, StoreError> {
         Err(StoreError::Unavailable("disk full".into()))
     }
+    fn ack_queued(&self, _: &str, _: &str, _: u64) {}
+    fn acked_total(&self) -> u64 {
+        0
+    }
     async fn purge(&self, _: &str, _: &str) -> Result<u64, StoreError> {
         Err(StoreError::Unavailable("disk full".into()))
     }

@@ -561,10 +561,10 @@ impl Session {
                 let upto = seq.min(self.last_sent);
                 if upto > 0 {
                     let app = self.ctx.hub.app_id(self.conn.app);
-                    match self.ctx.store.ack(app, &self.conn.device, upto).await {
-                        Ok(n) => self.ctx.metrics.acked.inc_by(n),
-                        Err(e) => tracing::warn!(error = %e, "ack not stored"),
-                    }
+                    // Not awaited: the store merges a device's queued
+                    // acks, so a device acking every message costs the
+                    // writer one removal per commit, not one per ack.
+                    self.ctx.store.ack_queued(app, &self.conn.device, upto);
                 }
                 Answer::None
             }

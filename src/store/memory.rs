@@ -40,6 +40,8 @@ pub struct MemoryStore {
     /// Expired messages removed by `append` (see the module doc), not yet
     /// reported by `expire`.
     expired_unreported: AtomicU64,
+    /// Messages removed by acks.
+    acked_total: AtomicU64,
 }
 
 /// Deadline index entry: (expires_ms, app, device, seq).
@@ -208,6 +210,7 @@ impl MemoryStore {
             hasher: RandomState::new(),
             pending_total: AtomicU64::new(0),
             expired_unreported: AtomicU64::new(0),
+            acked_total: AtomicU64::new(0),
         }
     }
 
@@ -294,6 +297,12 @@ impl MemoryStore {
         }
     }
 
+    fn ack_now(&self, app: &str, device: &str, seq: u64) -> u64 {
+        let removed = self.remove_from(app, device, |s, _| s <= seq);
+        self.acked_total.fetch_add(removed, Ordering::Relaxed);
+        removed
+    }
+
     /// Removes the device's messages that `doomed` picks; returns how many.
     fn remove_from(
         &self,
@@ -363,7 +372,16 @@ impl Store for MemoryStore {
     }
 
     async fn ack(&self, app: &str, device: &str, seq: u64) -> Result<u64, StoreError> {
-        Ok(self.remove_from(app, device, |s, _| s <= seq))
+        Ok(self.ack_now(app, device, seq))
+    }
+
+    fn ack_queued(&self, app: &str, device: &str, seq: u64) {
+        // Nothing to queue for: an ack here is a short locked update.
+        self.ack_now(app, device, seq);
+    }
+
+    fn acked_total(&self) -> u64 {
+        self.acked_total.load(Ordering::Relaxed)
     }
 
     async fn purge(&self, app: &str, device: &str) -> Result<u64, StoreError> {

@@ -147,6 +147,18 @@ pub trait Store: Send + Sync + 'static {
     /// ack means a redelivery, which at-least-once allows).
     async fn ack(&self, app: &str, device: &str, seq: u64) -> Result<u64, StoreError>;
 
+    /// Cumulative ack that does not wait: what connection tasks use, so a
+    /// device's next frame is read at once. The ack is applied soon after
+    /// (for `redb`: in the writer's next transaction); acks of one device
+    /// queued meanwhile are merged, only the highest seq counting. What it
+    /// removes is counted in [`Store::acked_total`]. Like `ack`, not durable
+    /// at return, and a failed write forgets it (a redelivery).
+    fn ack_queued(&self, app: &str, device: &str, seq: u64);
+
+    /// Messages removed by `ack` and `ack_queued` since the store was opened
+    /// (the `pushgate_messages_acked_total` counter).
+    fn acked_total(&self) -> u64;
+
     /// Remove every pending message of a device; returns how many. Durable at return.
     async fn purge(&self, app: &str, device: &str) -> Result<u64, StoreError>;
 

@@ -324,6 +324,19 @@ enum Step {
         device: usize,
         back: u64,
     },
+    /// Several messages of one app at once (`append_many`), each with its
+    /// devices (possibly none), key and ttl.
+    AppendMany {
+        app: usize,
+        items: Vec<(Vec<usize>, Option<usize>, Ttl)>,
+    },
+    /// `ack_queued` for each (app, device, back) in turn (several per
+    /// device merge), then either a flush or, if `append_to` is set, an
+    /// append to that (app, device) which shares the acks' transaction.
+    AckQueued {
+        acks: Vec<(usize, usize, u64)>,
+        append_to: Option<(usize, usize)>,
+    },
     Purge {
         app: usize,
         device: usize,
@@ -358,10 +371,27 @@ fn step() -> impl Strategy<Value = Step> {
     ];
     let devices = proptest::sample::subsequence(vec![0usize, 1, 2], 1..=3).prop_shuffle();
     prop_oneof![
-        8 => (app.clone(), devices, proptest::option::of(0..KEYS.len()), ttl)
+        8 => (app.clone(), devices, proptest::option::of(0..KEYS.len()), ttl.clone())
             .prop_map(|(app, devices, key, ttl)| Step::Append { app, devices, key, ttl }),
         3 => (app.clone(), device.clone(), 0..5u64)
             .prop_map(|(app, device, back)| Step::Ack { app, device, back }),
+        3 => (
+            app.clone(),
+            proptest::collection::vec(
+                (
+                    proptest::sample::subsequence(vec![0usize, 1, 2], 0..=3),
+                    proptest::option::of(0..KEYS.len()),
+                    ttl,
+                ),
+                1..5,
+            ),
+        )
+            .prop_map(|(app, items)| Step::AppendMany { app, items }),
+        3 => (
+            proptest::collection::vec((app.clone(), device.clone(), 0..5u64), 1..6),
+            proptest::option::of((app.clone(), device.clone())),
+        )
+            .prop_map(|(acks, append_to)| Step::AckQueued { acks, append_to }),
         1 => (app.clone(), device.clone()).prop_map(|(app, device)| Step::Purge { app, device }),
         2 => (app.clone(), device.clone()).prop_map(|(app, device)| Step::TakeDropped { app, device }),
         1 => (app.clone(), device.clone()).prop_map(|(app, device)| Step::Session { app, device }),
@@ -587,8 +617,85 @@ async fn run_steps(mut subject: Subject, steps: Vec<Step>) -> Result<(), TestCas
             }
             Step::Ack { app, device, back } => {
                 let seq = model.next_seq(*app, *device).saturating_sub(*back);
+                let before = s.acked_total();
                 let got = s.ack(APPS[*app], DEVICES[*device], seq).await.expect("ack");
                 prop_assert_eq!(got, model.remove(*app, *device, seq), "{}", at);
+                prop_assert_eq!(s.acked_total() - before, got, "{}", at);
+            }
+            Step::AppendMany { app, items } => {
+                let now = model.now_ms;
+                let mut batch = Vec::new();
+                let mut want = Vec::new();
+                for (devices, key, ttl) in items {
+                    model.ids += 1;
+                    let id = format!("m{}", model.ids);
+                    let expires_ms = match ttl {
+                        Ttl::Past => now - 1,
+                        Ttl::Now => now,
+                        Ttl::Short(ms) => now + ms,
+                        Ttl::Long => now + 1_000_000,
+                    };
+                    let new = NewMessage {
+                        id: Arc::from(id.as_str()),
+                        data: data_of(&id),
+                        created_ms: now,
+                        expires_ms,
+                        collapse_key: key.map(|k| Arc::from(KEYS[k])),
+                    };
+                    let names: Vec<&str> = devices.iter().map(|d| DEVICES[*d]).collect();
+                    batch.push((names, new));
+                    let m = MMsg {
+                        id,
+                        created_ms: now,
+                        expires_ms,
+                        key: *key,
+                    };
+                    let outs: Vec<_> = devices.iter().map(|d| model.append(*app, *d, &m)).collect();
+                    want.push(outs);
+                }
+                let got: Vec<_> = s
+                    .append_many(APPS[*app], &batch, MAX_PENDING)
+                    .await
+                    .into_iter()
+                    .map(|r| r.expect("append_many"))
+                    .collect();
+                prop_assert_eq!(got, want, "{}", at);
+            }
+            Step::AckQueued { acks, append_to } => {
+                let before = s.acked_total();
+                let mut want = 0;
+                for (app, device, back) in acks {
+                    let seq = model.next_seq(*app, *device).saturating_sub(*back);
+                    s.ack_queued(APPS[*app], DEVICES[*device], seq);
+                    want += model.remove(*app, *device, seq);
+                }
+                match append_to {
+                    None => s.flush().await.expect("flush"),
+                    Some((app, device)) => {
+                        model.ids += 1;
+                        let id = format!("m{}", model.ids);
+                        let now = model.now_ms;
+                        let new = NewMessage {
+                            id: Arc::from(id.as_str()),
+                            data: data_of(&id),
+                            created_ms: now,
+                            expires_ms: now + 1_000_000,
+                            collapse_key: None,
+                        };
+                        let got = s
+                            .append(APPS[*app], &[DEVICES[*device]], &new, MAX_PENDING)
+                            .await
+                            .expect("append");
+                        let m = MMsg {
+                            id,
+                            created_ms: now,
+                            expires_ms: now + 1_000_000,
+                            key: None,
+                        };
+                        prop_assert_eq!(got, vec![model.append(*app, *device, &m)], "{}", at);
+                    }
+                }
+                prop_assert_eq!(s.acked_total() - before, want, "{}", at);
             }
             Step::Purge { app, device } => {
                 let got = s.purge(APPS[*app], DEVICES[*device]).await.expect("purge");
