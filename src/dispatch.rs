@@ -144,6 +144,7 @@ impl Dispatcher {
 
     /// Take one message's worth of the app's rate limit (dry runs do not).
     pub fn take_rate(&self, app: usize) -> Result<(), DispatchError> {
+        self.fanout.touch(app);
         self.limits[app]
             .try_take()
             .map_err(|wait| DispatchError::RateLimited {
