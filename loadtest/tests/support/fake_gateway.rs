@@ -134,9 +134,13 @@ async fn device_conn(state: Arc<State>, tcp: TcpStream) {
     let c2 = claims.clone();
     let st = state.clone();
     let cb = move |req: &Request, resp: Response| {
-        let refuse = st.refuse_next.load(Ordering::SeqCst);
-        if refuse > 0 {
-            st.refuse_next.store(refuse - 1, Ordering::SeqCst);
+        // One atomic step: two handshakes at once must not both take the
+        // last refusal (that refused 21 of 20 now and then).
+        let refused = st
+            .refuse_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if refused {
             return Err(refusal(503, "overloaded"));
         }
         let c = verify(req)?;
