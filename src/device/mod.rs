@@ -110,6 +110,13 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
         .with_single_cert(certs, key)
         .map_err(|e| format!("TLS certificate and key do not fit: {e}"))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // The rest stays rustls's defaults: none of its knobs changes what an
+    // idle connection keeps (measured, BENCHMARKS.md "Where an idle wss
+    // connection's bytes go"). `send_tls13_tickets = 0` saves 13 bytes per
+    // connection (the shared 256-entry session cache), the cipher suite
+    // does not matter (ring's key type is one enum, 560 bytes for every
+    // AEAD), and the 4 KiB read buffer and 640-byte handshake span list
+    // that `ServerConnection` keeps for its whole life have no setting.
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -327,5 +334,41 @@ mod tests {
         // about 104 bytes: up to 792 bytes that is an 896-byte cell, above
         // it a 1024-byte one.
         assert!(size <= 792, "connection task future is {size} bytes");
+    }
+
+    /// The same for a TLS connection, whose task holds tokio-rustls's
+    /// `TlsStream` inline: rustls's `ServerConnection` alone is 1168 bytes.
+    #[tokio::test]
+    async fn tls_connection_task_future_is_bounded() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (tcp, peer) = listener.accept().await.expect("accept");
+        let permit = Arc::new(Semaphore::new(1))
+            .acquire_owned()
+            .await
+            .expect("permit");
+        let incoming = Incoming {
+            ctx: ctx(),
+            stream: tcp,
+            peer,
+            permit,
+            deadline: tokio::time::Instant::now(),
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new()));
+        let fut = drive(Box::pin(accept_tls(
+            incoming,
+            TlsAcceptor::from(Arc::new(config)),
+        )));
+        let size = std::mem::size_of_val(&fut);
+        println!("TLS connection task future: {size} bytes");
+        // Measured 1944 bytes (rustls 0.23.46, tokio-rustls 0.26.6): with
+        // tokio's ~104 bytes a 2048-byte cell, exactly full (heaptrack).
+        assert!(size <= 1944, "TLS connection task future is {size} bytes");
     }
 }
