@@ -100,7 +100,7 @@ where
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            let next = self.process(Op::None)?;
+            let next = self.process_or_alert(cx, Op::None)?;
             // Each flight is sent before waiting for the peer's.
             ready!(self.poll_write_out(cx))?;
             match next {
@@ -204,6 +204,30 @@ where
         }
     }
 
+    /// `process`, and on a TLS error the fatal alert rustls queued with it
+    /// is sent if the socket takes it at once, so the peer learns why.
+    fn process_or_alert(&mut self, cx: &mut Context<'_>, op: Op<'_>) -> io::Result<Next> {
+        let e = match self.process(op) {
+            Ok(next) => return Ok(next),
+            Err(e) => e,
+        };
+        // The alert comes out of the next call as data to encode, before
+        // anything is read. The input is passed as rustls last saw it (no
+        // discard was applied on the error path): its handshake deframer
+        // holds offsets into it.
+        let status = self.conn.process_tls_records(&mut self.incoming);
+        if let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state {
+            let start = self.outgoing.len();
+            self.outgoing.resize(start + 64, 0);
+            match encode.encode(&mut self.outgoing[start..]) {
+                Ok(n) => self.outgoing.truncate(start + n),
+                Err(_) => self.outgoing.truncate(start),
+            }
+        }
+        let _ = self.poll_write_out(cx);
+        Err(e)
+    }
+
     /// Write the pending ciphertext; its buffer is freed once written.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.out_pos < self.outgoing.len() {
@@ -262,7 +286,7 @@ where
             if this.read_closed {
                 return Poll::Ready(Ok(()));
             }
-            let next = this.process(Op::None)?;
+            let next = this.process_or_alert(cx, Op::None)?;
             // Anything rustls answered while reading (a key update) goes
             // out now if the socket takes it, else with the next write.
             if let Poll::Ready(Err(e)) = this.poll_write_out(cx) {
@@ -297,7 +321,7 @@ where
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        match this.process(Op::Send(data))? {
+        match this.process_or_alert(cx, Op::Send(data))? {
             Next::Traffic => {}
             Next::Closed | Next::Input => {
                 return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
@@ -447,7 +471,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn garbage_fails_the_handshake() {
+    async fn garbage_fails_the_handshake_with_an_alert() {
+        let (server_config, _) = configs(&[&rustls::version::TLS13]);
+        let (a, mut b) = duplex(4096);
+        b.write_all(&[
+            0x16, 0x03, 0x01, 0x00, 0x08, 0x01, 0x00, 0x00, 0x04, 0x03, 0x03, 0x00, 0x00,
+        ])
+        .await
+        .expect("write");
+        let r = TlsStream::accept(server_config, a).await;
+        assert!(r.is_err(), "garbage accepted as a ClientHello");
+        drop(r);
+        let mut answer = Vec::new();
+        b.read_to_end(&mut answer).await.expect("read");
+        assert_eq!(answer.first(), Some(&0x15), "no alert record: {answer:?}");
+    }
+
+    #[tokio::test]
+    async fn plain_http_fails_the_handshake() {
         let (server_config, _) = configs(&[&rustls::version::TLS13]);
         let (a, mut b) = duplex(4096);
         b.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
