@@ -4,6 +4,7 @@
 pub mod conn;
 pub mod handshake;
 pub mod ticker;
+mod tls;
 mod ws;
 
 use std::future::Future;
@@ -13,11 +14,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::auth::Auth;
@@ -31,6 +31,7 @@ use crate::store::Store;
 use conn::Connection;
 use handshake::HandshakeError;
 use ticker::Ticker;
+use tls::TlsStream;
 
 /// What every device connection shares.
 pub struct DeviceCtx {
@@ -90,8 +91,8 @@ pub fn ws_config(cfg: &DeviceConfig) -> WebSocketConfig {
         .max_frame_size(Some(cfg.max_frame_bytes))
 }
 
-/// Build the TLS acceptor from PEM files.
-pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+/// Build the TLS server configuration from PEM files.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
@@ -110,7 +111,15 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
         .with_single_cert(certs, key)
         .map_err(|e| format!("TLS certificate and key do not fit: {e}"))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    // The rest stays rustls's defaults: none of its knobs changes what an
+    // idle connection keeps (measured, BENCHMARKS.md "Where an idle wss
+    // connection's bytes go"). `send_tls13_tickets = 0` saves 13 bytes per
+    // connection (the shared 256-entry session cache), the cipher suite
+    // does not matter (ring's key type is one enum, 560 bytes for every
+    // AEAD), and the 640-byte handshake span list rustls keeps has no
+    // setting. The 4 KiB read buffer of its buffered API is avoided by
+    // `tls::TlsStream`.
+    Ok(Arc::new(config))
 }
 
 /// Accept device connections forever. A permit of `max_pending_handshakes`
@@ -124,7 +133,7 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<DeviceCtx>,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ServerConfig>>,
     mut accepting: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(ctx.cfg.max_pending_handshakes));
@@ -146,7 +155,7 @@ pub async fn serve(
         // pay for the TLS stream's.
         match &tls {
             None => tokio::spawn(drive(Box::pin(upgrade(incoming)))),
-            Some(acceptor) => tokio::spawn(drive(Box::pin(accept_tls(incoming, acceptor.clone())))),
+            Some(config) => tokio::spawn(drive(Box::pin(accept_tls(incoming, config.clone())))),
         };
     }
 }
@@ -198,7 +207,7 @@ where
 
 async fn accept_tls(
     incoming: Incoming<TcpStream>,
-    acceptor: TlsAcceptor,
+    config: Arc<ServerConfig>,
 ) -> Option<Connection<TlsStream<TcpStream>>> {
     let Incoming {
         ctx,
@@ -207,7 +216,7 @@ async fn accept_tls(
         permit,
         deadline,
     } = incoming;
-    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+    match tokio::time::timeout_at(deadline, TlsStream::accept(config, stream)).await {
         Ok(Ok(stream)) => {
             upgrade(Incoming {
                 ctx,
@@ -327,5 +336,39 @@ mod tests {
         // about 104 bytes: up to 792 bytes that is an 896-byte cell, above
         // it a 1024-byte one.
         assert!(size <= 792, "connection task future is {size} bytes");
+    }
+
+    /// The same for a TLS connection, whose task holds `tls::TlsStream`
+    /// inline: rustls's `UnbufferedServerConnection` alone is 1088 bytes.
+    #[tokio::test]
+    async fn tls_connection_task_future_is_bounded() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (tcp, peer) = listener.accept().await.expect("accept");
+        let permit = Arc::new(Semaphore::new(1))
+            .acquire_owned()
+            .await
+            .expect("permit");
+        let incoming = Incoming {
+            ctx: ctx(),
+            stream: tcp,
+            peer,
+            permit,
+            deadline: tokio::time::Instant::now(),
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new()));
+        let fut = drive(Box::pin(accept_tls(incoming, Arc::new(config))));
+        let size = std::mem::size_of_val(&fut);
+        println!("TLS connection task future: {size} bytes");
+        // Measured 1944 bytes (rustls 0.23.46; the same with tokio-rustls's
+        // stream): with tokio's ~104 bytes a 2048-byte cell, exactly full
+        // (heaptrack).
+        assert!(size <= 1944, "TLS connection task future is {size} bytes");
     }
 }
