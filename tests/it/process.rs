@@ -60,7 +60,10 @@ impl Proc {
         let mut api = None;
         let mut seen = Vec::new();
         while device.is_none() || api.is_none() {
-            let line = rx.recv_timeout(WAIT).unwrap_or_else(|_| {
+            // Twice the usual wait: a `--takeover` start first waits for the
+            // old process to finish its calls and close the store, on a
+            // loaded 2-core machine running the other tests beside it.
+            let line = rx.recv_timeout(WAIT * 2).unwrap_or_else(|_| {
                 panic!(
                     "gateway did not report its addresses; it said:\n{}",
                     seen.join("\n")
