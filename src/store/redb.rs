@@ -635,15 +635,8 @@ impl Writer {
         let deadline = Instant::now() + self.max_wait;
         let mut weight: usize = batch.iter().map(|r| r.op.weight()).sum();
         while weight < self.max_batch {
-            match self.rx.try_recv() {
-                Ok(request) => {
-                    weight += request.op.weight();
-                    let control = request.op.is_control();
-                    batch.push(request);
-                    if control {
-                        break;
-                    }
-                }
+            let request = match self.rx.try_recv() {
+                Ok(request) => request,
                 Err(mpsc::TryRecvError::Disconnected) => break,
                 Err(mpsc::TryRecvError::Empty) => {
                     if self.max_wait.is_zero() || !batch.iter().any(|r| r.op.needs_durable()) {
@@ -654,17 +647,16 @@ impl Writer {
                         break;
                     }
                     match self.rx.recv_timeout(deadline - now) {
-                        Ok(request) => {
-                            weight += request.op.weight();
-                            let control = request.op.is_control();
-                            batch.push(request);
-                            if control {
-                                break;
-                            }
-                        }
+                        Ok(request) => request,
                         Err(_) => break,
                     }
                 }
+            };
+            weight += request.op.weight();
+            let control = request.op.is_control();
+            batch.push(request);
+            if control {
+                break;
             }
         }
     }
