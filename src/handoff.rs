@@ -44,7 +44,7 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::net::TcpListener;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -315,22 +315,16 @@ impl Drop for ControlSocket {
     }
 }
 
-/// The names the listeners line carries, in the order of the descriptors.
-pub fn listeners_line<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
-    let mut line = String::from("listeners");
-    for name in names {
-        line.push(' ');
-        line.push_str(name);
-    }
-    line
-}
-
 /// Sends the hello-answer: every listener, named.
 pub async fn send_listeners(
     ctl: &mut Ctl,
     listeners: &[(&str, BorrowedFd<'_>)],
 ) -> Result<(), HandoffError> {
-    let line = listeners_line(listeners.iter().map(|(name, _)| *name));
+    let mut line = String::from("listeners");
+    for (name, _) in listeners {
+        line.push(' ');
+        line.push_str(name);
+    }
     let fds: Vec<BorrowedFd<'_>> = listeners.iter().map(|(_, fd)| *fd).collect();
     ctl.send_with_fds(&line, &fds).await?;
     Ok(())
@@ -545,16 +539,12 @@ fn adopt_listener(fd: OwnedFd) -> io::Result<TcpListener> {
     Ok(listener)
 }
 
-/// The listener's descriptor, borrowed for [`send_listeners`].
-pub fn fd_of(listener: &impl AsFd) -> BorrowedFd<'_> {
-    listener.as_fd()
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use std::os::fd::AsFd;
 
     #[tokio::test]
     async fn listeners_pass_over_the_control_socket_and_still_accept() {
@@ -570,7 +560,7 @@ mod tests {
             assert_eq!(ctl.recv().await.unwrap().as_deref(), Some(HELLO));
             send_listeners(
                 &mut ctl,
-                &[("device", fd_of(&device)), ("api", fd_of(&api))],
+                &[("device", device.as_fd()), ("api", api.as_fd())],
             )
             .await
             .unwrap();

@@ -308,14 +308,11 @@ mod tests {
         ))
     }
 
-    /// The future of a plaintext connection's task lives (inline in the
-    /// task) as long as the connection: a bound on it, so a change that
-    /// bloats it fails here rather than in a memory benchmark.
-    #[tokio::test]
-    async fn connection_task_future_is_small() {
+    /// A connection just accepted over loopback, and its client end.
+    async fn accepted() -> (Incoming<TcpStream>, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let _client = TcpStream::connect(addr).await.expect("connect");
+        let client = TcpStream::connect(addr).await.expect("connect");
         let (tcp, peer) = listener.accept().await.expect("accept");
         let permit = Arc::new(Semaphore::new(1))
             .acquire_owned()
@@ -328,6 +325,15 @@ mod tests {
             permit,
             deadline: tokio::time::Instant::now(),
         };
+        (incoming, client)
+    }
+
+    /// The future of a plaintext connection's task lives (inline in the
+    /// task) as long as the connection: a bound on it, so a change that
+    /// bloats it fails here rather than in a memory benchmark.
+    #[tokio::test]
+    async fn connection_task_future_is_small() {
+        let (incoming, _client) = accepted().await;
         let fut = drive(Box::pin(upgrade(incoming)));
         let size = std::mem::size_of_val(&fut);
         println!("plaintext connection task future: {size} bytes");
@@ -342,21 +348,7 @@ mod tests {
     /// inline: rustls's `UnbufferedServerConnection` alone is 1088 bytes.
     #[tokio::test]
     async fn tls_connection_task_future_is_bounded() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let _client = TcpStream::connect(addr).await.expect("connect");
-        let (tcp, peer) = listener.accept().await.expect("accept");
-        let permit = Arc::new(Semaphore::new(1))
-            .acquire_owned()
-            .await
-            .expect("permit");
-        let incoming = Incoming {
-            ctx: ctx(),
-            stream: tcp,
-            peer,
-            permit,
-            deadline: tokio::time::Instant::now(),
-        };
+        let (incoming, _client) = accepted().await;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
