@@ -56,6 +56,15 @@ pub enum Command {
     /// as JSON lines on stdout.
     #[command(hide = true)]
     Worker,
+    /// The kernel's floor for a fan-out on this machine, with no gateway:
+    /// one process writes a frame to N plain TCP connections per round in a
+    /// tight loop; sink processes read and time them. Reports the writer's
+    /// CPU per 1000 writes and the latency percentiles, to set beside
+    /// `bench broadcast`.
+    Floor(crate::floor::FloorOpts),
+    /// Internal: one sink process of `floor`.
+    #[command(hide = true)]
+    FloorSink(crate::floor::SinkOpts),
 }
 
 /// The scenarios of issue 4.

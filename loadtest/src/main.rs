@@ -8,6 +8,7 @@ mod api;
 mod bench;
 mod cli;
 mod device;
+mod floor;
 mod net;
 mod plot;
 mod procstat;
@@ -47,6 +48,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Worker => return exit(worker::main().map(|()| ExitCode::SUCCESS)),
+        Command::Floor(o) => return exit(floor::main(o).map(|()| ExitCode::SUCCESS)),
+        Command::FloorSink(o) => return exit(floor::sink_main(o).map(|()| ExitCode::SUCCESS)),
         Command::Run { scenario, load } => coordinator(load.clone(), async move {
             let plan = run::Plan::new(scenario, load, run::Restart::No).await?;
             run::execute(plan, None).await

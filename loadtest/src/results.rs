@@ -41,7 +41,7 @@ impl Percentiles {
         })
     }
 
-    fn line(&self) -> String {
+    pub fn line(&self) -> String {
         format!(
             "p50 {} p90 {} p99 {} p99.9 {} max {} (n={})",
             fmt_ms(self.p50),

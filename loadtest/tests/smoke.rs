@@ -284,6 +284,52 @@ async fn remote_targets_are_refused() {
     assert!(r.err.contains("--allow-remote"), "{}", r.err);
 }
 
+/// `floor` needs no gateway: every frame of every round reaches the sinks
+/// (two writer threads, two sink processes, so both code paths run), and
+/// the JSON says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floor_delivers_every_frame() {
+    let json_path = temp_path("floor.json");
+    let out = tokio::process::Command::new(BIN)
+        .args(["floor", "-n", "300", "--count", "3", "--threads", "2"])
+        .args(["--sinks", "2", "--settle", "0", "--frame-bytes", "120"])
+        .arg("--json")
+        .arg(&json_path)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("runs pushgate-loadtest floor");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).expect("json written"))
+            .expect("json");
+    let _ = std::fs::remove_file(&json_path);
+    assert_eq!(u(&json["frames_expected"]), 900);
+    assert_eq!(u(&json["frames_received"]), 900);
+    assert_eq!(u(&json["latency_ms"]["count"]), 900);
+    assert_eq!(json["round_ms"].as_array().map(Vec::len), Some(3));
+    assert!(json["writer_cpu_ms_per_1000"]
+        .as_f64()
+        .is_some_and(|v| v > 0.0));
+    assert!(stdout.contains("per 1000 writes"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floor_refuses_a_frame_that_is_not_one_short_frame() {
+    let out = tokio::process::Command::new(BIN)
+        .args(["floor", "-n", "10", "--frame-bytes", "126"])
+        .output()
+        .await
+        .expect("runs pushgate-loadtest floor");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--frame-bytes"));
+}
+
 // --- against the real gateway -------------------------------------------
 
 /// The pushgate binary: `PUSHGATE_BIN`, or `pushgate` in this test's own
