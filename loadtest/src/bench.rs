@@ -289,8 +289,24 @@ pub fn config_toml(c: &ConfigSpec<'_>) -> String {
     s
 }
 
-/// `pushgate-loadtest bench`.
-pub async fn bench(scenario: Scenario, b: BenchOpts, mut load: LoadOpts) -> Result<Results> {
+/// A gateway started with a generated config, and how to reach it.
+pub struct Launched {
+    pub gw: Gateway,
+    /// The temporary directory: config, certificate, log, data.
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    /// Device endpoint (ws:// or wss://).
+    pub url: String,
+    /// API base URL.
+    pub api: String,
+    pub secret: String,
+    pub api_key: String,
+}
+
+/// Writes a config for `b` (sized for `connections`) into a new temporary
+/// directory and starts the gateway on it, waiting for /healthz.
+pub async fn launch(b: &BenchOpts, connections: u64) -> Result<Launched> {
     if !b.gateway_bin.is_file() {
         bail!(
             "--gateway-bin {}: no such file (build it with `cargo build --bin pushgate`, or set PUSHGATE_BIN)",
@@ -336,36 +352,21 @@ pub async fn bench(scenario: Scenario, b: BenchOpts, mut load: LoadOpts) -> Resu
         drain_secs: b.drain_secs,
         secret: &secret,
         api_key: &api_key,
-        max_connections: load.connections.saturating_mul(2).max(1_000_000),
+        max_connections: connections.saturating_mul(2).max(1_000_000),
     });
     std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
 
     let scheme = if b.tls { "wss" } else { "ws" };
-    load.url = format!("{scheme}://127.0.0.1:{device_port}/v1/connect");
-    load.api = format!("http://127.0.0.1:{api_port}");
-    load.app = BENCH_APP.into();
-    load.secret = Some(secret);
-    load.api_key = Some(api_key.clone());
-    load.gateway_pid = None;
-    let restart = match (b.restart, b.takeover) {
-        (_, true) => Restart::Takeover,
-        (true, false) => Restart::Sigterm,
-        (false, false) => Restart::No,
-    };
-    if restart == Restart::Takeover && b.store != StoreKind::Redb {
-        bail!("--takeover needs --store redb: the memory store has nothing to hand over");
-    }
-    let plan = Plan::new(scenario, load, restart).await?;
-    let api_ep = target::resolve(&plan.o.api, &["http"], false).await?;
-
+    let api = format!("http://127.0.0.1:{api_port}");
+    let api_ep = target::resolve(&api, &["http"], false).await?;
     let mut gw = Gateway {
-        bin: bin.clone(),
+        bin,
         config: config.clone(),
         log: log.clone(),
         child: None,
         pid: 0,
         api: Arc::new(Api::new(&api_ep, None, Duration::from_secs(2))),
-        device_addr: plan.device.addr,
+        device_addr: std::net::SocketAddr::from(([127, 0, 0, 1], device_port)),
         startup_timeout: Duration::from_secs_f64(b.startup_timeout.max(1.0)),
         drain_secs: b.drain_secs,
     };
@@ -374,7 +375,48 @@ pub async fn bench(scenario: Scenario, b: BenchOpts, mut load: LoadOpts) -> Resu
         eprintln!("kept {} for inspection", dir.display());
         return Err(e);
     }
-    let outcome = run::execute(plan, Some(&mut gw)).await;
+    Ok(Launched {
+        gw,
+        dir,
+        config,
+        log,
+        url: format!("{scheme}://127.0.0.1:{device_port}/v1/connect"),
+        api,
+        secret,
+        api_key,
+    })
+}
+
+/// `pushgate-loadtest bench`.
+pub async fn bench(scenario: Scenario, b: BenchOpts, mut load: LoadOpts) -> Result<Results> {
+    let restart = match (b.restart, b.takeover) {
+        (_, true) => Restart::Takeover,
+        (true, false) => Restart::Sigterm,
+        (false, false) => Restart::No,
+    };
+    if restart == Restart::Takeover && b.store != StoreKind::Redb {
+        bail!("--takeover needs --store redb: the memory store has nothing to hand over");
+    }
+    let Launched {
+        mut gw,
+        dir,
+        config,
+        log,
+        url,
+        api,
+        secret,
+        api_key,
+    } = launch(&b, load.connections).await?;
+    load.url = url;
+    load.api = api;
+    load.app = BENCH_APP.into();
+    load.secret = Some(secret);
+    load.api_key = Some(api_key);
+    load.gateway_pid = None;
+    let outcome = match Plan::new(scenario, load, restart).await {
+        Ok(plan) => run::execute(plan, Some(&mut gw)).await,
+        Err(e) => Err(e),
+    };
     let stopped = gw.stop().await;
     let mut res = match outcome {
         Ok(r) => r,
@@ -384,7 +426,7 @@ pub async fn bench(scenario: Scenario, b: BenchOpts, mut load: LoadOpts) -> Resu
         }
     };
     let mut info = BenchInfo {
-        gateway_bin: bin.display().to_string(),
+        gateway_bin: gw.bin.display().to_string(),
         store: format!("{:?}", b.store).to_lowercase(),
         tls: b.tls,
         heartbeat_secs: b.heartbeat,

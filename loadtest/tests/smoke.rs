@@ -313,10 +313,11 @@ async fn floor_delivers_every_frame() {
     assert_eq!(u(&json["frames_received"]), 900);
     assert_eq!(u(&json["latency_ms"]["count"]), 900);
     assert_eq!(json["round_ms"].as_array().map(Vec::len), Some(3));
-    assert!(json["writer_cpu_ms_per_1000"]
+    assert_eq!(json["sender"], "raw");
+    assert!(json["sender_cpu_ms_per_1000"]
         .as_f64()
         .is_some_and(|v| v > 0.0));
-    assert!(stdout.contains("per 1000 writes"), "{stdout}");
+    assert!(stdout.contains("writer  cpu"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,6 +362,41 @@ fn gateway_bin() -> PathBuf {
             .collect::<Vec<_>>()
             .join(", ")
     );
+}
+
+/// `floor --gateway-bin`: the same raw sinks as devices of the real
+/// gateway, each round a broadcast; every frame arrives and the gateway's
+/// CPU is measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floor_against_the_gateway() {
+    let json_path = temp_path("floor-gw.json");
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "floor", "-n", "200", "--count", "2", "--sinks", "2", "--settle", "0",
+        ])
+        .arg("--gateway-bin")
+        .arg(gateway_bin())
+        .arg("--json")
+        .arg(&json_path)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("runs pushgate-loadtest floor");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).expect("json written"))
+            .expect("json");
+    let _ = std::fs::remove_file(&json_path);
+    assert_eq!(json["sender"], "gateway");
+    assert_eq!(u(&json["frames_received"]), 400);
+    assert_eq!(u(&json["latency_ms"]["count"]), 400);
+    assert!(json["sender_cpu_ms"].as_f64().is_some_and(|v| v > 0.0));
+    assert!(stdout.contains("gateway cpu"), "{stdout}");
 }
 
 async fn bench(scenario: &str, n: u64, extra: &[&str]) -> Run {
