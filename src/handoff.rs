@@ -305,11 +305,20 @@ impl ControlSocket {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Closes the socket after a hand-over without touching the path: it
+    /// belongs to the successor now, which replaces the file when it binds.
+    /// (Removing it by inode alone could remove the successor's file if the
+    /// file system gave the new file the old one's inode number.)
+    pub fn handed_over(mut self) {
+        self.ino = 0;
+    }
 }
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+        // Inode 0 is never a file's: see `handed_over`.
+        if self.ino != 0 && std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -611,6 +620,19 @@ mod tests {
         let new = ControlSocket::bind(&path, true).unwrap();
         drop(old);
         assert!(path.exists(), "the old one leaves the new one's file alone");
+        drop(new);
+        assert!(!path.exists());
+
+        // After a hand-over the old process leaves the path alone even
+        // while the file is still its own (the successor has not bound yet).
+        let old = ControlSocket::bind(&path, false).unwrap();
+        old.handed_over();
+        assert!(path.exists(), "left for the successor to replace");
+        assert!(
+            Takeover::connect(&path).await.unwrap().is_none(),
+            "but closed"
+        );
+        let new = ControlSocket::bind(&path, false).unwrap();
         drop(new);
         assert!(!path.exists());
     }

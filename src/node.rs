@@ -622,7 +622,9 @@ pub async fn run(config: Config, opts: RunOptions) -> ExitCode {
                 tracing::info!("a new process is taking over");
                 match node.hand_over(&mut ctl).await {
                     Ok(()) => {
-                        drop(control);
+                        if let Some(control) = control {
+                            control.handed_over();
+                        }
                         tokio::spawn(relay_in(ctl, node.dispatcher.clone()));
                         spawn_second_signal_exit();
                         node.drain_handed_over().await;
