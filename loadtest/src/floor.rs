@@ -143,6 +143,33 @@ pub struct FloorResult {
     pub sink_cpu_ms: f64,
 }
 
+impl FloorResult {
+    fn new(
+        o: &FloorOpts,
+        sender: &'static str,
+        round_ms: Vec<f64>,
+        sender_cpu_ms: Option<f64>,
+        (frames, sink_cpu_ms, latency_ms): (u64, f64, Option<Percentiles>),
+    ) -> Result<FloorResult> {
+        let expected = (o.connections as u64) * u64::from(o.count);
+        Ok(FloorResult {
+            sender,
+            connections: o.connections,
+            rounds: o.count,
+            frame_bytes: o.frame_bytes,
+            threads: o.threads,
+            sinks: o.sinks,
+            round_ms,
+            sender_cpu_ms,
+            sender_cpu_ms_per_1000: sender_cpu_ms.map(|c| c * 1000.0 / expected as f64),
+            frames_received: frames,
+            frames_expected: expected,
+            latency_ms,
+            sink_cpu_ms,
+        })
+    }
+}
+
 /// Where the frames come from.
 enum Sender {
     /// This process, over connections it accepts.
@@ -377,23 +404,7 @@ fn write_rounds(
         write_rounds_threaded(&conns, o)?
     };
     let cpu_ms = own_cpu_ms()? - cpu_before;
-    let (frames, sink_cpu_ms, latency_ms) = collect(sinks)?;
-    let writes = (o.connections as u64) * u64::from(o.count);
-    Ok(FloorResult {
-        sender: "raw",
-        connections: o.connections,
-        rounds: o.count,
-        frame_bytes: o.frame_bytes,
-        threads: o.threads,
-        sinks: o.sinks,
-        round_ms,
-        sender_cpu_ms: Some(cpu_ms),
-        sender_cpu_ms_per_1000: Some(cpu_ms * 1000.0 / writes as f64),
-        frames_received: frames,
-        frames_expected: writes,
-        latency_ms,
-        sink_cpu_ms,
-    })
+    FloorResult::new(o, "raw", round_ms, Some(cpu_ms), collect(sinks)?)
 }
 
 /// Gateway mode: `--count` broadcasts back to back through the API, each
@@ -438,27 +449,12 @@ fn broadcast_rounds(
         }
         anyhow::Ok(rounds)
     })?;
-    let (frames, sink_cpu_ms, latency_ms) = collect(sinks)?;
+    let seen = collect(sinks)?;
     let cpu_ms = match (o.gateway_pid, cpu_before) {
         (Some(pid), Some(before)) => Some(threads_cpu_ms(pid)? - before),
         _ => None,
     };
-    let expected = (o.connections as u64) * u64::from(o.count);
-    Ok(FloorResult {
-        sender: "gateway",
-        connections: o.connections,
-        rounds: o.count,
-        frame_bytes: o.frame_bytes,
-        threads: o.threads,
-        sinks: o.sinks,
-        round_ms,
-        sender_cpu_ms: cpu_ms,
-        sender_cpu_ms_per_1000: cpu_ms.map(|c| c * 1000.0 / expected as f64),
-        frames_received: frames,
-        frames_expected: expected,
-        latency_ms,
-        sink_cpu_ms,
-    })
+    FloorResult::new(o, "gateway", round_ms, cpu_ms, seen)
 }
 
 /// CPU time of every thread of `pid`, ms, from schedstat (ns): precise

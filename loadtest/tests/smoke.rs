@@ -287,19 +287,23 @@ async fn remote_targets_are_refused() {
 /// `floor` needs no gateway: every frame of every round reaches the sinks
 /// (two writer threads, two sink processes, so both code paths run), and
 /// the JSON says so.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn floor_delivers_every_frame() {
+/// Runs `pushgate-loadtest floor ARGS --json F`; asserts exit 0 and
+/// returns its stdout and JSON.
+async fn floor(args: &[&str], gateway: Option<PathBuf>) -> (String, Value) {
     let json_path = temp_path("floor.json");
-    let out = tokio::process::Command::new(BIN)
-        .args(["floor", "-n", "300", "--count", "3", "--threads", "2"])
-        .args(["--sinks", "2", "--settle", "0", "--frame-bytes", "120"])
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.arg("floor").args(args);
+    if let Some(bin) = gateway {
+        cmd.arg("--gateway-bin").arg(bin);
+    }
+    let out = cmd
         .arg("--json")
         .arg(&json_path)
         .kill_on_drop(true)
         .output()
         .await
         .expect("runs pushgate-loadtest floor");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}{}",
@@ -309,6 +313,29 @@ async fn floor_delivers_every_frame() {
         serde_json::from_str(&std::fs::read_to_string(&json_path).expect("json written"))
             .expect("json");
     let _ = std::fs::remove_file(&json_path);
+    (stdout, json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floor_delivers_every_frame() {
+    let (stdout, json) = floor(
+        &[
+            "-n",
+            "300",
+            "--count",
+            "3",
+            "--threads",
+            "2",
+            "--sinks",
+            "2",
+            "--settle",
+            "0",
+            "--frame-bytes",
+            "120",
+        ],
+        None,
+    )
+    .await;
     assert_eq!(u(&json["frames_expected"]), 900);
     assert_eq!(u(&json["frames_received"]), 900);
     assert_eq!(u(&json["latency_ms"]["count"]), 900);
@@ -369,29 +396,11 @@ fn gateway_bin() -> PathBuf {
 /// CPU is measured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn floor_against_the_gateway() {
-    let json_path = temp_path("floor-gw.json");
-    let out = tokio::process::Command::new(BIN)
-        .args([
-            "floor", "-n", "200", "--count", "2", "--sinks", "2", "--settle", "0",
-        ])
-        .arg("--gateway-bin")
-        .arg(gateway_bin())
-        .arg("--json")
-        .arg(&json_path)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("runs pushgate-loadtest floor");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: Value =
-        serde_json::from_str(&std::fs::read_to_string(&json_path).expect("json written"))
-            .expect("json");
-    let _ = std::fs::remove_file(&json_path);
+    let (stdout, json) = floor(
+        &["-n", "200", "--count", "2", "--sinks", "2", "--settle", "0"],
+        Some(gateway_bin()),
+    )
+    .await;
     assert_eq!(json["sender"], "gateway");
     assert_eq!(u(&json["frames_received"]), 400);
     assert_eq!(u(&json["latency_ms"]["count"]), 400);
