@@ -87,6 +87,10 @@ pub struct FloorOpts {
     /// reported, from /proc/PID/task/*/schedstat (ns precision).
     #[arg(long)]
     pub gateway_pid: Option<u32>,
+    /// Gateway mode: every device subscribes to this topic (token claim)
+    /// and each round is a message to it instead of a broadcast.
+    #[arg(long)]
+    pub topic: Option<String>,
 }
 
 /// The internal `floor-sink` process's arguments.
@@ -109,6 +113,9 @@ pub struct SinkOpts {
     pub secret: Option<String>,
     #[arg(long, default_value = "floor")]
     pub device_prefix: String,
+    /// Subscribe every device to this topic (token claim).
+    #[arg(long)]
+    pub topic: Option<String>,
 }
 
 /// What one sink saw, sent to the writer as one JSON line.
@@ -123,7 +130,8 @@ struct SinkReport {
 /// The result of a floor run.
 #[derive(Debug, Serialize)]
 pub struct FloorResult {
-    /// `raw` (this process writes) or `gateway` (broadcasts through --api).
+    /// `raw` (this process writes), `gateway` (broadcasts through --api) or
+    /// `gateway-topic` (topic messages, with --topic).
     pub sender: &'static str,
     pub connections: usize,
     pub rounds: u32,
@@ -226,6 +234,10 @@ pub fn main(mut o: FloorOpts) -> Result<()> {
 }
 
 fn floor(o: FloorOpts) -> Result<()> {
+    ensure!(
+        o.topic.is_none() || o.url.is_some(),
+        "--topic needs a gateway (--gateway-bin or --url)"
+    );
     ensure!(o.connections > 0, "-n must be at least 1");
     ensure!(
         (MIN_FRAME..=125).contains(&o.frame_bytes),
@@ -278,6 +290,7 @@ fn floor(o: FloorOpts) -> Result<()> {
             Sender::Gateway { device, path, .. } => cmd
                 .args(["--addr", &device.to_string(), "--ws-path", path])
                 .args(["--app", &o.app, "--device-prefix", &format!("floor{i}")])
+                .args(o.topic.iter().flat_map(|t| ["--topic", t.as_str()]))
                 .env("PUSHGATE_DEVICE_SECRET", o.secret.as_deref().unwrap_or("")),
         };
         let mut child = cmd.spawn().context("starting a floor sink")?;
@@ -421,7 +434,6 @@ fn broadcast_rounds(
         o.connections,
         start.elapsed().as_secs_f64()
     );
-    std::thread::sleep(Duration::from_secs_f64(o.settle));
     let api = Api::new(ep, o.api_key.clone(), Duration::from_secs(30));
     let path = format!("/v1/apps/{}/messages", o.app);
     let pad = "x".repeat(o.frame_bytes.saturating_sub(MIN_FRAME + 16));
@@ -429,12 +441,35 @@ fn broadcast_rounds(
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    let to = match &o.topic {
+        Some(t) => serde_json::json!({ "topic": t }),
+        None => serde_json::json!({ "broadcast": true }),
+    };
+    // Every device registered (and subscribed) before the first round: a
+    // dry run counts them (bounded wait).
+    let probe = serde_json::json!({"to": to, "data": null, "dry_run": true});
+    let deadline = Instant::now() + ACCEPT_DEADLINE;
+    loop {
+        let r = rt.block_on(api.post_json(&path, &probe))?;
+        let online = r.json().and_then(|v| v["online"].as_u64()).unwrap_or(0);
+        if r.status == 200 && online >= o.connections as u64 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the gateway counts {online} of {} devices as targets (HTTP {})",
+            o.connections,
+            r.status
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs_f64(o.settle));
     let cpu_before = o.gateway_pid.map(threads_cpu_ms).transpose()?;
     let round_ms = rt.block_on(async {
         let mut rounds = Vec::new();
         for _ in 0..o.count {
             let body = serde_json::json!({
-                "to": {"broadcast": true},
+                "to": to,
                 "data": {"ts_us": crate::now_us(), "pad": pad},
             });
             let t = Instant::now();
@@ -454,7 +489,12 @@ fn broadcast_rounds(
         (Some(pid), Some(before)) => Some(threads_cpu_ms(pid)? - before),
         _ => None,
     };
-    FloorResult::new(o, "gateway", round_ms, cpu_ms, seen)
+    let sender = if o.topic.is_some() {
+        "gateway-topic"
+    } else {
+        "gateway"
+    };
+    FloorResult::new(o, sender, round_ms, cpu_ms, seen)
 }
 
 /// CPU time of every thread of `pid`, ms, from schedstat (ns): precise
@@ -582,8 +622,11 @@ fn summary(r: &FloorResult) -> String {
             r.connections, r.rounds, r.frame_bytes, r.threads, r.sinks
         ),
         _ => format!(
-            "floor: {} devices on the gateway, {} broadcast(s), {} sink process(es)\n",
-            r.connections, r.rounds, r.sinks
+            "floor: {} devices on the gateway, {} {}(s), {} sink process(es)\n",
+            r.connections,
+            r.rounds,
+            if r.sender == "gateway-topic" { "topic message" } else { "broadcast" },
+            r.sinks
         ),
     };
     let rounds: Vec<String> = r.round_ms.iter().map(|m| format!("{m:.1}")).collect();
@@ -639,6 +682,7 @@ pub fn sink_main(o: SinkOpts) -> Result<()> {
         (Some(_), None) => bail!("--ws-path needs the device secret"),
         _ => None,
     };
+    let topics: Vec<String> = o.topic.iter().cloned().collect();
     // A frame that arrived in pieces keeps its first part here (rare).
     let mut partial: Vec<Vec<u8>> = vec![Vec::new(); o.connections];
     let mut streams = Vec::with_capacity(o.connections);
@@ -647,9 +691,14 @@ pub fn sink_main(o: SinkOpts) -> Result<()> {
         let mut s = connect(o.addr, source).with_context(|| format!("connection {i}"))?;
         if let (Some(path), Some(signer)) = (&o.ws_path, &signer) {
             let device = format!("{}-{i}", o.device_prefix);
-            let token = signer.token(&device, &[])?;
+            let token = signer.token(&device, &topics)?;
             partial[i] = upgrade(&mut s, o.addr, path, &token)
                 .with_context(|| format!("the WebSocket handshake of {device}"))?;
+            if let Some(topic) = &o.topic {
+                let sub = serde_json::json!({"t": "sub", "topic": topic}).to_string();
+                s.write_all(&client_frame(sub.as_bytes()))
+                    .with_context(|| format!("subscribing {device}"))?;
+            }
         }
         streams.push(s);
     }
@@ -760,6 +809,16 @@ fn upgrade(s: &mut TcpStream, addr: SocketAddr, path: &str, token: &str) -> Resu
     Ok(got[end..].to_vec())
 }
 
+/// A masked client text frame (RFC 6455 5.3) of a short payload.
+fn client_frame(payload: &[u8]) -> Vec<u8> {
+    const MASK: [u8; 4] = [0x5a, 0x17, 0xc3, 0x88];
+    assert!(payload.len() < 126, "short frames only");
+    let mut f = vec![0x81, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&MASK);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    f
+}
+
 /// Frames bigger than this are refused (the gateway's are < 64 KiB).
 const MAX_FRAME: u64 = 1 << 20;
 
@@ -852,6 +911,20 @@ mod tests {
             assert_eq!(used, held.len(), "cut {cut}");
             assert_eq!(stamps, [11, 33], "cut {cut}");
         }
+    }
+
+    #[test]
+    fn client_frames_are_masked() {
+        let f = client_frame(b"hello");
+        assert_eq!(&f[..2], &[0x81, 0x80 | 5]);
+        let mask = &f[2..6];
+        let text: Vec<u8> = f[6..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ mask[i % 4])
+            .collect();
+        assert_eq!(text, b"hello");
+        assert_ne!(&f[6..], b"hello");
     }
 
     #[test]

@@ -406,6 +406,17 @@ async fn floor_against_the_gateway() {
     assert_eq!(u(&json["latency_ms"]["count"]), 400);
     assert!(json["sender_cpu_ms"].as_f64().is_some_and(|v| v > 0.0));
     assert!(stdout.contains("gateway cpu"), "{stdout}");
+
+    // The same with a topic every device subscribes to.
+    let (_, json) = floor(
+        &[
+            "-n", "100", "--count", "2", "--settle", "0.5", "--topic", "news",
+        ],
+        Some(gateway_bin()),
+    )
+    .await;
+    assert_eq!(json["sender"], "gateway-topic");
+    assert_eq!(u(&json["frames_received"]), 200);
 }
 
 async fn bench(scenario: &str, n: u64, extra: &[&str]) -> Run {
