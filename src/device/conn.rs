@@ -437,6 +437,8 @@ impl Session {
             }
             return Flow::Close(reason, retry_ms);
         }
+        let mut queue = queue;
+        in_seq_order(&mut queue);
         for out in queue {
             if let Err(fail) = self.send_out(ws, out).await {
                 return self.fail_flow(fail);
@@ -651,6 +653,31 @@ impl Session {
     }
 }
 
+/// Puts the device-directed frames of a taken queue in seq order, each
+/// other frame keeping its place. Concurrent API calls to one device get
+/// their seqs in commit order but hand their frames over in whatever order
+/// their tasks run; a frame ahead of its predecessor looks like a gap, and
+/// a gap sends the connection to the store (`catch_up`): at saturation that
+/// read was 11 % of the runtime's samples. Frames taken together need no
+/// read at all once sorted.
+fn in_seq_order(queue: &mut [Out]) {
+    if queue
+        .iter()
+        .filter(|o| o.seq > 0)
+        .is_sorted_by_key(|o| o.seq)
+    {
+        return;
+    }
+    let mut seqd: Vec<Out> = queue.iter().filter(|o| o.seq > 0).cloned().collect();
+    seqd.sort_by_key(|o| o.seq);
+    let mut sorted = seqd.into_iter();
+    for slot in queue.iter_mut().filter(|o| o.seq > 0) {
+        if let Some(out) = sorted.next() {
+            *slot = out;
+        }
+    }
+}
+
 enum Answer {
     None,
     Frame(String),
@@ -691,6 +718,43 @@ mod tests {
                 assert_eq!(h.opcode, want);
             }
         }
+    }
+
+    #[test]
+    fn taken_frames_go_out_in_seq_order_others_in_place() {
+        let frame = |text: &'static str| {
+            Arc::new(crate::hub::Frame {
+                text: Utf8Bytes::from_static(text),
+                kind: crate::hub::MsgKind::Device,
+                accepted: std::time::Instant::now(),
+                check_dropped: false,
+            })
+        };
+        let out = |text: &'static str, seq| Out {
+            frame: frame(text),
+            seq,
+        };
+        let mut queue = vec![
+            out("s5", 5),
+            out("topic", 0),
+            out("s3", 3),
+            out("s4", 4),
+            out("now", 0),
+        ];
+        in_seq_order(&mut queue);
+        let got: Vec<(&str, u64)> = queue
+            .iter()
+            .map(|o| (o.frame.text.as_str(), o.seq))
+            .collect();
+        assert_eq!(
+            got,
+            [("s3", 3), ("topic", 0), ("s4", 4), ("s5", 5), ("now", 0)]
+        );
+        // In order already: untouched.
+        let mut queue = vec![out("s1", 1), out("topic", 0), out("s2", 2)];
+        in_seq_order(&mut queue);
+        assert_eq!(queue[0].seq, 1);
+        assert_eq!(queue[2].seq, 2);
     }
 
     #[test]
