@@ -209,55 +209,87 @@ mod tests {
         }
     }
 
-    fn id() -> impl Strategy<Value = Value> {
-        prop_oneof![
-            Just(json!("d1")),
-            Just(json!("d2")),
-            Just(json!("")),
-            Just(json!("bad id")),
-            Just(json!("d\u{e9}")),
-            Just(json!(7)),
-            Just(Value::Null),
-        ]
-    }
-
+    /// Messages that are mostly valid, each with a few ways of being
+    /// wrong, so that both parses see the edges of every rule.
     fn data() -> impl Strategy<Value = Value> {
         prop_oneof![
-            Just(json!(null)),
-            Just(json!(12)),
-            Just(json!(-3)),
-            Just(json!(1.25)),
-            Just(json!("a\"b")),
-            Just(json!({"k": [1, "x", {"z": true}]})),
-            Just(json!("x".repeat(70))),
+            4 => Just(json!({"k": [1, "x", {"z": true}], "n": -3})),
+            2 => Just(json!(null)),
+            2 => Just(json!(12)),
+            1 => Just(json!(1.25)),
+            1 => Just(json!("a\"b")),
+            1 => Just(json!({"a": 1.0e3})),
+            1 => Just(json!("x".repeat(70))),
         ]
-    }
-
-    fn opt(v: impl Strategy<Value = Value>) -> impl Strategy<Value = Option<Value>> {
-        proptest::option::of(v)
     }
 
     prop_compose! {
         fn message_body()(
-            device in opt(id()),
-            devices in opt(proptest::collection::vec(id(), 0..3).prop_map(Value::from)),
-            topic in opt(prop_oneof![Just(json!("news")), Just(json!("bad topic")), Just(Value::Null)]),
-            broadcast in opt(prop_oneof![Just(json!(true)), Just(json!(false)), Just(json!("yes"))]),
-            to_extra in any::<bool>(),
-            data in opt(data()),
-            ttl in opt(prop_oneof![Just(json!(0)), Just(json!(60)), Just(json!(3_000_000)), Just(json!(-1)), Just(json!(1.5)), Just(Value::Null)]),
-            collapse_key in opt(prop_oneof![Just(json!("k")), Just(json!("")), Just(json!(3)), Just(Value::Null)]),
-            dry_run in opt(prop_oneof![Just(json!(true)), Just(json!(false)), Just(json!(1)), Just(Value::Null)]),
-            extra in any::<bool>(),
-            to_kind in 0..3u8,
+            kind in 0..4u8,
+            device in prop_oneof![
+                8 => Just(json!("d1")),
+                1 => Just(json!("")),
+                1 => Just(json!("bad id")),
+                1 => Just(json!("d\u{e9}")),
+                1 => Just(json!(7)),
+                1 => Just(Value::Null),
+            ],
+            devices in prop_oneof![
+                6 => Just(json!(["d1", "d2"])),
+                1 => Just(json!([])),
+                1 => Just(json!(["d1", "d1"])),
+                1 => Just(json!(["d1", 3])),
+                1 => Just(json!("d1")),
+            ],
+            topic in prop_oneof![
+                6 => Just(json!("news")),
+                1 => Just(json!("bad topic")),
+                1 => Just(Value::Null),
+            ],
+            broadcast in prop_oneof![
+                6 => Just(json!(true)),
+                1 => Just(json!(false)),
+                1 => Just(json!("yes")),
+            ],
+            second_target in proptest::bool::weighted(0.1),
+            to_extra in proptest::bool::weighted(0.1),
+            to_shape in prop_oneof![8 => Just(0u8), 1 => Just(1), 1 => Just(2)],
+            data in proptest::option::weighted(0.9, data()),
+            ttl in proptest::option::weighted(0.6, prop_oneof![
+                Just(json!(0)),
+                Just(json!(60)),
+                Just(json!(MAX_TTL_SECS)),
+                Just(json!(MAX_TTL_SECS + 1)),
+                Just(json!(-1)),
+                Just(json!(1.5)),
+                Just(Value::Null),
+            ]),
+            collapse_key in proptest::option::weighted(0.4, prop_oneof![
+                Just(json!("k")),
+                Just(json!("")),
+                Just(json!("k".repeat(MAX_COLLAPSE_KEY_BYTES + 1))),
+                Just(json!(3)),
+                Just(Value::Null),
+            ]),
+            dry_run in proptest::option::weighted(0.3, prop_oneof![
+                Just(json!(true)),
+                Just(json!(false)),
+                Just(json!(1)),
+                Just(Value::Null),
+            ]),
+            extra in proptest::bool::weighted(0.1),
         ) -> Value {
+            let targets = [("device", device), ("devices", devices), ("topic", topic), ("broadcast", broadcast)];
             let mut to = serde_json::Map::new();
-            for (k, v) in [("device", device), ("devices", devices), ("topic", topic), ("broadcast", broadcast)] {
-                if let Some(v) = v { to.insert(k.into(), v); }
+            let (k, v) = targets[usize::from(kind)].clone();
+            to.insert(k.into(), v);
+            if second_target {
+                let (k, v) = targets[usize::from((kind + 1) % 4)].clone();
+                to.insert(k.into(), v);
             }
             if to_extra { to.insert("x".into(), json!(1)); }
             let mut m = serde_json::Map::new();
-            match to_kind {
+            match to_shape {
                 0 => { m.insert("to".into(), Value::Object(to)); }
                 1 => { m.insert("to".into(), json!("d1")); }
                 _ => {}
