@@ -354,6 +354,88 @@ pub fn compact_json(value: &serde_json::Value) -> String {
     value.to_string()
 }
 
+/// Deepest nesting [`compact_raw_json`] answers for: well inside
+/// serde_json's limit of 128 for a whole body.
+pub const COMPACT_RAW_DEPTH: usize = 64;
+
+/// `raw`, a valid JSON text, in exactly the form [`compact_json`] gives its
+/// parsed value, without building that value (the API's hot path: a
+/// `Value` costs an allocation per string, number and object entry).
+/// `None` wherever the parsed value could print differently from the text
+/// — a string with an escape, a number that is not a plain integer of at
+/// most 18 digits (floats print in their shortest form), `-0`, a key
+/// repeated in one object (the value keeps the last) — or nested deeper
+/// than [`COMPACT_RAW_DEPTH`] (a parser refuses deep nesting, this scan
+/// would not), and the caller parses it instead.
+pub fn compact_raw_json(raw: &str) -> Option<String> {
+    let b = raw.as_bytes();
+    let mut out = String::with_capacity(raw.len());
+    // Per open container: the keys seen so far for an object, `None` for
+    // an array.
+    let mut open: Vec<Option<Vec<&str>>> = Vec::new();
+    let mut key_next = false;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b' ' | b'\t' | b'\n' | b'\r' => i += 1,
+            b'"' => {
+                let len = b[i + 1..].iter().position(|&c| c == b'"' || c == b'\\')?;
+                let end = i + 1 + len;
+                if b[end] != b'"' {
+                    return None; // an escape
+                }
+                let text = &raw[i..=end];
+                if key_next {
+                    let keys = open.last_mut()?.as_mut()?;
+                    if keys.contains(&text) {
+                        return None;
+                    }
+                    keys.push(text);
+                    key_next = false;
+                }
+                out.push_str(text);
+                i = end + 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let len = b[i..]
+                    .iter()
+                    .position(|c| !matches!(c, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'))
+                    .unwrap_or(b.len() - i);
+                let num = &raw[i..i + len];
+                let digits = num.strip_prefix('-').unwrap_or(num);
+                if digits.len() > 18
+                    || !digits.bytes().all(|c| c.is_ascii_digit())
+                    || num.starts_with("-0")
+                {
+                    return None;
+                }
+                out.push_str(num);
+                i += len;
+            }
+            c => {
+                match c {
+                    b'{' | b'[' if open.len() == COMPACT_RAW_DEPTH => return None,
+                    b'{' => {
+                        open.push(Some(Vec::new()));
+                        key_next = true;
+                    }
+                    b'[' => open.push(None),
+                    b'}' | b']' => {
+                        open.pop();
+                        key_next = false;
+                    }
+                    b',' => key_next = matches!(open.last(), Some(Some(_))),
+                    b':' => key_next = false,
+                    _ => {} // a letter of true, false or null
+                }
+                out.push(char::from(c));
+                i += 1;
+            }
+        }
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,6 +571,79 @@ mod tests {
         let v: serde_json::Value =
             serde_json::from_str("{ \"a\" : \"é\" , \"b\": [1, 2] }").unwrap();
         assert_eq!(compact_json(&v), "{\"a\":\"é\",\"b\":[1,2]}");
+    }
+
+    #[test]
+    fn compact_raw_json_is_compact_json_of_the_parsed_value() {
+        let same = [
+            "{ \"a\" : \"é x\" , \"b\": [1, -2, true, false, null, {}, []] }",
+            "\"plain\"",
+            "123456789012345678",
+            "{\"ts_us\":1764460000000000,\"run\":\"r1\",\"k\":7,\"pad\":\"xxxx\"}",
+            "[ {\"a\":1}, {\"a\":2} ]",
+        ];
+        for raw in same {
+            let v: serde_json::Value = serde_json::from_str(raw).unwrap();
+            assert_eq!(
+                compact_raw_json(raw).as_deref(),
+                Some(&*compact_json(&v)),
+                "{raw}"
+            );
+        }
+        // Where the parsed value prints otherwise, no answer.
+        for raw in [
+            "\"a\\nb\"",
+            "1.0",
+            "1e2",
+            "-0",
+            "1234567890123456789",
+            "{\"a\":1,\"a\":2}",
+            "{\"a\":{\"b\":1,\"b\":1}}",
+        ] {
+            assert_eq!(compact_raw_json(raw), None, "{raw}");
+        }
+        let deep = format!("{}{}", "[".repeat(65), "]".repeat(65));
+        assert_eq!(compact_raw_json(&deep), None);
+        let deep = format!("{}{}", "[".repeat(64), "]".repeat(64));
+        assert_eq!(compact_raw_json(&deep), Some(deep.clone()));
+        // The same key in sibling objects is not a repeat.
+        assert!(compact_raw_json("{\"a\":{\"a\":1},\"b\":{\"a\":2}}").is_some());
+    }
+
+    proptest::proptest! {
+        /// Whatever it answers is what the parsed value prints as.
+        #[test]
+        fn compact_raw_json_never_differs(v in json_value(), pretty in proptest::bool::ANY) {
+            let raw = if pretty {
+                serde_json::to_string_pretty(&v).unwrap()
+            } else {
+                serde_json::to_string(&v).unwrap()
+            };
+            let parsed: serde_json::Value = serde_json::from_str(&raw).unwrap();
+            if let Some(compact) = compact_raw_json(&raw) {
+                proptest::prop_assert_eq!(compact, compact_json(&parsed));
+            }
+        }
+    }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        use serde_json::Value;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (-1e6f64..1e6).prop_map(Value::from),
+            "[a-c\\\\\"é\n ]{0,6}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::vec(("[a-c]{0,2}", inner), 0..4)
+                    .prop_map(|entries| { Value::Object(entries.into_iter().collect()) }),
+            ]
+        })
     }
 
     #[test]

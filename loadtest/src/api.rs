@@ -133,7 +133,12 @@ impl Api {
 
     pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> Result<Response> {
         let bytes = serde_json::to_vec(body)?;
-        self.call("POST", path, Some(&bytes)).await
+        self.post(path, &bytes).await
+    }
+
+    /// POST a body that is already JSON text.
+    pub async fn post(&self, path: &str, body: &[u8]) -> Result<Response> {
+        self.call("POST", path, Some(body)).await
     }
 
     async fn connect(&self) -> Result<Conn> {

@@ -230,9 +230,24 @@ pub async fn read_json_body(
     body: Body,
     limit: usize,
 ) -> Result<Value, ApiError> {
+    let bytes = read_json_bytes(headers, body, limit).await?;
+    parse_json(&bytes)
+}
+
+/// The body of a JSON request, unparsed (for a typed parse first; see
+/// `messages`): the same checks as [`read_json_body`] before parsing.
+pub async fn read_json_bytes(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     require_json(headers)?;
-    let bytes = read_body(headers, body, limit).await?;
-    serde_json::from_slice(&bytes)
+    read_body(headers, body, limit).await
+}
+
+/// A body as a JSON value, or the refusal [`read_json_body`] gives.
+pub fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(bytes)
         .map_err(|e| ApiError::invalid(format!("body: not valid JSON: {e}")))
 }
 

@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Sleep;
 use tokio_tungstenite::tungstenite::error::CapacityError;
@@ -17,7 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::dispatch::now_ms;
-use crate::hub::{ConnHandle, Out};
+use crate::hub::{ConnHandle, Frame, Out};
 use crate::metrics::DropReason;
 use crate::protocol::{self, CloseReason, DeviceFrame, FrameError};
 
@@ -31,6 +32,9 @@ use super::DeviceCtx;
 const MAX_FRAME_ERRORS: u8 = 10;
 /// Pending messages read from the store per page when catching up.
 const CATCH_UP_PAGE: usize = 128;
+/// Most bytes of frames taken from the queue that go to the socket in one
+/// write (frames are copied together up to this; a single frame is not).
+const GATHER_BYTES: usize = 16 * 1024;
 /// How long the closing handshake may take before the socket is dropped.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
@@ -69,6 +73,13 @@ struct FrameHead {
 }
 
 impl FrameHead {
+    /// No header: the payload is already whole frames (`on_queue`'s
+    /// gathered writes).
+    const NONE: FrameHead = FrameHead {
+        bytes: [0; 10],
+        len: 0,
+    };
+
     fn new(opcode: u8, payload_len: usize) -> FrameHead {
         let mut bytes = [0u8; 10];
         bytes[0] = 0x80 | opcode;
@@ -97,7 +108,7 @@ impl FrameHead {
 /// the socket would land inside that frame.
 struct Unfinished {
     head: FrameHead,
-    payload: Utf8Bytes,
+    payload: Bytes,
     sent: usize,
 }
 
@@ -329,10 +340,24 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let head = FrameHead::new(opcode, payload.len());
+        self.send_raw(ws, head, Bytes::from(payload)).await
+    }
+
+    /// Write `head` and `payload` under the write timeout, keeping what is
+    /// left of them if the write stops part way.
+    async fn send_raw<S>(
+        &mut self,
+        ws: &mut Ws<S>,
+        head: FrameHead,
+        payload: Bytes,
+    ) -> Result<(), WriteFail>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         let mut sent = 0;
         let op = async {
             ws.flush().await.map_err(|_| ())?;
-            write_frame(ws.get_mut(), &head, payload.as_bytes(), &mut sent)
+            write_frame(ws.get_mut(), &head, &payload, &mut sent)
                 .await
                 .map_err(|_| ())
         };
@@ -437,15 +462,76 @@ impl Session {
             }
             return Flow::Close(reason, retry_ms);
         }
+        let mut queue = queue;
+        in_seq_order(&mut queue);
+        // Frames that follow on from what was sent are gathered and written
+        // together: one write per wake-up, not one per frame (a loopback
+        // write per frame was a fifth of the gateway's CPU at saturation).
+        let mut gathered: Vec<Arc<Frame>> = Vec::new();
+        let mut bytes = 0;
         for out in queue {
-            if let Err(fail) = self.send_out(ws, out).await {
-                return self.fail_flow(fail);
+            let mut gap = false;
+            if out.seq > 0 {
+                if out.seq <= self.last_sent {
+                    continue; // already sent by a catch-up
+                }
+                // A gap (a frame handed over after a later one) or drops
+                // to report: read the store, which has this message too
+                // unless it was collapsed or dropped.
+                gap = out.seq != self.last_sent + 1 || out.frame.check_dropped;
             }
+            if gap || bytes + out.frame.text.len() > GATHER_BYTES {
+                if let Err(fail) = self.send_gathered(ws, &mut gathered).await {
+                    return self.fail_flow(fail);
+                }
+                bytes = 0;
+            }
+            if gap {
+                if let Err(fail) = self.catch_up(ws, out.frame.check_dropped).await {
+                    return self.fail_flow(fail);
+                }
+                continue;
+            }
+            if out.seq > 0 {
+                self.last_sent = out.seq;
+            }
+            bytes += out.frame.text.len() + 10;
+            gathered.push(out.frame);
+        }
+        if let Err(fail) = self.send_gathered(ws, &mut gathered).await {
+            return self.fail_flow(fail);
         }
         match self.flush(ws).await {
             Ok(()) => Flow::Continue,
             Err(fail) => self.fail_flow(fail),
         }
+    }
+
+    /// Write the gathered frames (one write, or the frame itself when there
+    /// is one) and count them as sent.
+    async fn send_gathered<S>(
+        &mut self,
+        ws: &mut Ws<S>,
+        gathered: &mut Vec<Arc<Frame>>,
+    ) -> Result<(), WriteFail>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        match gathered.as_slice() {
+            [] => return Ok(()),
+            [one] => self.send_text(ws, one.text.clone()).await?,
+            several => {
+                let whole = gather(several);
+                self.send_raw(ws, FrameHead::NONE, whole).await?
+            }
+        }
+        let m = &self.ctx.metrics;
+        for frame in gathered.drain(..) {
+            m.sent(frame.kind).inc();
+            m.delivery_seconds
+                .observe(frame.accepted.elapsed().as_secs_f64());
+        }
+        Ok(())
     }
 
     fn fail_flow(&self, fail: WriteFail) -> Flow {
@@ -457,30 +543,6 @@ impl Session {
             // The main loop picks the close request up next.
             WriteFail::Closing => Flow::Continue,
         }
-    }
-
-    async fn send_out<S>(&mut self, ws: &mut Ws<S>, out: Out) -> Result<(), WriteFail>
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
-        if out.seq > 0 {
-            if out.seq <= self.last_sent {
-                return Ok(()); // already sent by a catch-up
-            }
-            if out.seq != self.last_sent + 1 || out.frame.check_dropped {
-                // A gap (a concurrent push got ahead, or this is the first
-                // since connect) or drops to report: read the store, which
-                // has this message too unless it was collapsed or dropped.
-                return self.catch_up(ws, out.frame.check_dropped).await;
-            }
-            self.last_sent = out.seq;
-        }
-        self.send_text(ws, out.frame.text.clone()).await?;
-        let m = &self.ctx.metrics;
-        m.sent(out.frame.kind).inc();
-        m.delivery_seconds
-            .observe(out.frame.accepted.elapsed().as_secs_f64());
-        Ok(())
     }
 
     async fn on_device<S>(&mut self, ws: &mut Ws<S>, msg: Option<Result<Message, WsError>>) -> Flow
@@ -629,7 +691,7 @@ impl Session {
         let closing = async {
             if let Some(u) = unfinished {
                 let mut sent = u.sent;
-                write_frame(ws.get_mut(), &u.head, u.payload.as_bytes(), &mut sent)
+                write_frame(ws.get_mut(), &u.head, &u.payload, &mut sent)
                     .await
                     .map_err(WsError::Io)?;
             }
@@ -648,6 +710,42 @@ impl Session {
             Ok::<(), WsError>(())
         };
         let _ = tokio::time::timeout(CLOSE_WAIT, closing).await;
+    }
+}
+
+/// Text frames, head and payload each, one after the other.
+fn gather(frames: &[Arc<Frame>]) -> Bytes {
+    let len = frames.iter().map(|f| f.text.len() + 10).sum();
+    let mut whole = Vec::with_capacity(len);
+    for f in frames {
+        whole.extend_from_slice(FrameHead::new(OP_TEXT, f.text.len()).as_slice());
+        whole.extend_from_slice(f.text.as_bytes());
+    }
+    Bytes::from(whole)
+}
+
+/// Puts the device-directed frames of a taken queue in seq order, each
+/// other frame keeping its place. Concurrent API calls to one device get
+/// their seqs in commit order but hand their frames over in whatever order
+/// their tasks run; a frame ahead of its predecessor looks like a gap, and
+/// a gap sends the connection to the store (`catch_up`): at saturation that
+/// read was 11 % of the runtime's samples. Frames taken together need no
+/// read at all once sorted.
+fn in_seq_order(queue: &mut [Out]) {
+    if queue
+        .iter()
+        .filter(|o| o.seq > 0)
+        .is_sorted_by_key(|o| o.seq)
+    {
+        return;
+    }
+    let mut seqd: Vec<Out> = queue.iter().filter(|o| o.seq > 0).cloned().collect();
+    seqd.sort_by_key(|o| o.seq);
+    let mut sorted = seqd.into_iter();
+    for slot in queue.iter_mut().filter(|o| o.seq > 0) {
+        if let Some(out) = sorted.next() {
+            *slot = out;
+        }
     }
 }
 
@@ -691,6 +789,79 @@ mod tests {
                 assert_eq!(h.opcode, want);
             }
         }
+    }
+
+    #[test]
+    fn taken_frames_go_out_in_seq_order_others_in_place() {
+        let frame = |text: &'static str| {
+            Arc::new(crate::hub::Frame {
+                text: Utf8Bytes::from_static(text),
+                kind: crate::hub::MsgKind::Device,
+                accepted: std::time::Instant::now(),
+                check_dropped: false,
+            })
+        };
+        let out = |text: &'static str, seq| Out {
+            frame: frame(text),
+            seq,
+        };
+        let mut queue = vec![
+            out("s5", 5),
+            out("topic", 0),
+            out("s3", 3),
+            out("s4", 4),
+            out("now", 0),
+        ];
+        in_seq_order(&mut queue);
+        let got: Vec<(&str, u64)> = queue
+            .iter()
+            .map(|o| (o.frame.text.as_str(), o.seq))
+            .collect();
+        assert_eq!(
+            got,
+            [("s3", 3), ("topic", 0), ("s4", 4), ("s5", 5), ("now", 0)]
+        );
+        // In order already: untouched.
+        let mut queue = vec![out("s1", 1), out("topic", 0), out("s2", 2)];
+        in_seq_order(&mut queue);
+        assert_eq!(queue[0].seq, 1);
+        assert_eq!(queue[2].seq, 2);
+    }
+
+    /// Gathered frames read back, with tungstenite's own parser, as the
+    /// same text frames in the same order.
+    #[test]
+    fn gathered_frames_parse_back_one_by_one() {
+        use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+        let texts = [
+            "a".repeat(3),
+            "b".repeat(125),
+            "c".repeat(126),
+            "d".repeat(70_000),
+        ];
+        let frames: Vec<Arc<Frame>> = texts
+            .iter()
+            .map(|t| {
+                Arc::new(Frame {
+                    text: Utf8Bytes::from(t.clone()),
+                    kind: crate::hub::MsgKind::Device,
+                    accepted: std::time::Instant::now(),
+                    check_dropped: false,
+                })
+            })
+            .collect();
+        let whole = gather(&frames);
+        let mut cur = std::io::Cursor::new(&whole[..]);
+        for t in &texts {
+            let (h, n) = FrameHeader::parse(&mut cur)
+                .expect("valid header")
+                .expect("complete header");
+            assert!(h.is_final && h.mask.is_none());
+            let at = cur.position() as usize;
+            assert_eq!(&whole[at..at + n as usize], t.as_bytes());
+            cur.set_position((at + n as usize) as u64);
+        }
+        assert_eq!(cur.position() as usize, whole.len());
     }
 
     #[test]

@@ -8,14 +8,34 @@
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `meta` | name | u64 (`schema`: the layout version, 1) |
-//! | `devices` | (app, device) | (next_seq, dropped, stored, sessions, first_seen_ms, last_seen_ms) |
+//! | `meta` | name | u64 (`schema`: the layout version, 2) |
+//! | `devices_v2` | (app, device) | (next_seq, dropped, stored, sessions, first_seen_ms, last_seen_ms, bucket, bucket_min_ms) |
 //! | `pending` | (app, device, seq) | (id, data, created_ms, expires_ms, collapse_key) |
-//! | `expiry` | (expires_ms, app, device, seq) | () |
+//! | `expiry_buckets` | (expires_ms / 60000, app, device) | earliest expires_ms in it |
 //! | `collapse` | (app, device, collapse_key) | seq |
 //!
-//! A `devices` row is never deleted, so seqs are never reused; `stored`
+//! A `devices_v2` row is never deleted, so seqs are never reused; `stored`
 //! counts the device's `pending` rows so the pending limit needs no count.
+//!
+//! Expiry is indexed per (minute, device), not per message: a device's
+//! bucket for a minute says it may have messages whose deadline falls in
+//! that minute, none before the bucket's value. An append touches the
+//! bucket of its deadline only if the device row (`bucket`,
+//! `bucket_min_ms`: the last bucket it added, and that bucket's value)
+//! does not already cover it, so under steady load a device costs one
+//! bucket insert per minute, not one index entry per message; an ack or
+//! any other removal leaves buckets alone. `expire` reads the buckets
+//! whose minute has begun and whose value has passed, removes the expired
+//! rows of each of their devices (one range pass per device), deletes the
+//! buckets whose minute is over and raises the value of the one still
+//! running. The per-message index of schema 1 (table `expiry`) cost a
+//! B-tree insert per append and a removal per acked message.
+//!
+//! A schema-1 file (tables `devices` and `expiry`) is migrated when opened:
+//! its device rows are copied with no bucket noted and its index entries
+//! become buckets, in the one transaction that then records schema 2.
+//! Opening a file of schema 2 with a build of schema 1 is refused (the
+//! table layout version is checked first).
 //!
 //! Group commit: every write goes to the writer thread over a channel with a
 //! oneshot for the answer. The writer takes the first queued request, then
@@ -72,8 +92,15 @@ pub const DB_FILE: &str = "pushgate.redb";
 /// Least time between two attempts to reopen the file after a failed write.
 const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Version of the table layout; a file with another one is refused as corrupt.
-const SCHEMA: u64 = 1;
+/// Version of the table layout. A file of version 1 is migrated; any other
+/// is refused as corrupt.
+const SCHEMA: u64 = 2;
+
+/// Width of an expiry bucket, in ms.
+const BUCKET_MS: u64 = 60_000;
+
+/// `bucket` of a device row that notes no bucket.
+const NO_BUCKET: u64 = u64::MAX;
 
 /// How long non-durable commits (acks, sessions) may wait for an fsync when
 /// the writer has nothing else to do.
@@ -95,19 +122,28 @@ const ACK_DELAY: Duration = Duration::from_millis(20);
 const ACK_BUDGET: u64 = 1024;
 
 type DeviceKey = (&'static str, &'static str);
-/// (next_seq, dropped, stored, sessions, first_seen_ms, last_seen_ms)
-type DeviceValue = (u64, u64, u64, u64, u64, u64);
+/// (next_seq, dropped, stored, sessions, first_seen_ms, last_seen_ms,
+/// bucket, bucket_min_ms)
+type DeviceValue = (u64, u64, u64, u64, u64, u64, u64, u64);
 type PendingKey = (&'static str, &'static str, u64);
 /// (id, data, created_ms, expires_ms, collapse_key)
 type PendingValue = (&'static str, &'static [u8], u64, u64, Option<&'static str>);
-type ExpiryKey = (u64, &'static str, &'static str, u64);
+/// (expires_ms / BUCKET_MS, app, device)
+type BucketKey = (u64, &'static str, &'static str);
 type CollapseKey = (&'static str, &'static str, &'static str);
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const DEVICES: TableDefinition<DeviceKey, DeviceValue> = TableDefinition::new("devices");
+const DEVICES: TableDefinition<DeviceKey, DeviceValue> = TableDefinition::new("devices_v2");
 const PENDING: TableDefinition<PendingKey, PendingValue> = TableDefinition::new("pending");
-const EXPIRY: TableDefinition<ExpiryKey, ()> = TableDefinition::new("expiry");
+const BUCKETS: TableDefinition<BucketKey, u64> = TableDefinition::new("expiry_buckets");
 const COLLAPSE: TableDefinition<CollapseKey, u64> = TableDefinition::new("collapse");
+
+/// Schema 1's device rows: (next_seq, dropped, stored, sessions,
+/// first_seen_ms, last_seen_ms).
+const DEVICES_V1: TableDefinition<DeviceKey, (u64, u64, u64, u64, u64, u64)> =
+    TableDefinition::new("devices");
+/// Schema 1's expiry index: (expires_ms, app, device, seq).
+const EXPIRY_V1: TableDefinition<(u64, &str, &str, u64), ()> = TableDefinition::new("expiry");
 
 /// The durable store. Dropping it stops the writer thread (after the batch
 /// in progress) and closes the file.
@@ -435,11 +471,15 @@ fn init_tables(db: &Database, label: &str) -> Result<u64, StoreError> {
                 None => {
                     meta.insert("schema", SCHEMA)?;
                 }
+                Some(1) => {
+                    migrate_v1(&txn)?;
+                    meta.insert("schema", SCHEMA)?;
+                }
                 Some(SCHEMA) => {}
                 Some(other) => return Ok(Err(other)),
             }
             txn.open_table(DEVICES)?;
-            txn.open_table(EXPIRY)?;
+            txn.open_table(BUCKETS)?;
             txn.open_table(COLLAPSE)?;
         }
         let stored = txn.open_table(PENDING)?.len()?;
@@ -453,6 +493,42 @@ fn init_tables(db: &Database, label: &str) -> Result<u64, StoreError> {
     })?;
     txn.commit().map_err(|e| init_error(label, e.into()))?;
     Ok(stored)
+}
+
+/// Schema 1 to 2, inside the caller's transaction: device rows get a
+/// `bucket` field (none noted: the next append adds its bucket), index
+/// entries become buckets, and the old tables go.
+fn migrate_v1(txn: &WriteTransaction) -> Result<(), redb::Error> {
+    {
+        let old = txn.open_table(DEVICES_V1)?;
+        let mut devices = txn.open_table(DEVICES)?;
+        for entry in old.iter()? {
+            let (key, value) = entry?;
+            let (app, device) = key.value();
+            let (next_seq, dropped, stored, sessions, first, last) = value.value();
+            devices.insert(
+                (app, device),
+                (
+                    next_seq, dropped, stored, sessions, first, last, NO_BUCKET, 0,
+                ),
+            )?;
+        }
+        let old = txn.open_table(EXPIRY_V1)?;
+        let mut buckets = txn.open_table(BUCKETS)?;
+        for entry in old.iter()? {
+            let (key, _) = entry?;
+            let (expires_ms, app, device, _) = key.value();
+            // The old index is in deadline order: the first entry of a
+            // bucket is its earliest.
+            let bucket = (expires_ms / BUCKET_MS, app, device);
+            if buckets.get(bucket)?.is_none() {
+                buckets.insert(bucket, expires_ms)?;
+            }
+        }
+    }
+    txn.delete_table(DEVICES_V1)?;
+    txn.delete_table(EXPIRY_V1)?;
+    Ok(())
 }
 
 fn init_error(label: &str, e: redb::Error) -> StoreError {
@@ -475,6 +551,11 @@ struct DeviceRow {
     sessions: u64,
     first_seen_ms: u64,
     last_seen_ms: u64,
+    /// The minute of the expiry bucket last added for the device and not
+    /// swept since (`NO_BUCKET`: none noted) ...
+    bucket: u64,
+    /// ... and that bucket's value.
+    bucket_min_ms: u64,
 }
 
 impl DeviceRow {
@@ -485,6 +566,8 @@ impl DeviceRow {
         sessions: 0,
         first_seen_ms: 0,
         last_seen_ms: 0,
+        bucket: NO_BUCKET,
+        bucket_min_ms: 0,
     };
 
     fn from_value(v: DeviceValue) -> Self {
@@ -495,6 +578,8 @@ impl DeviceRow {
             sessions: v.3,
             first_seen_ms: v.4,
             last_seen_ms: v.5,
+            bucket: v.6,
+            bucket_min_ms: v.7,
         }
     }
 
@@ -506,6 +591,8 @@ impl DeviceRow {
             self.sessions,
             self.first_seen_ms,
             self.last_seen_ms,
+            self.bucket,
+            self.bucket_min_ms,
         )
     }
 }
@@ -895,7 +982,7 @@ type RowCache = HashMap<Box<str>, HashMap<Box<str>, (DeviceRow, bool)>>;
 struct Tables<'t> {
     devices: Table<'t, DeviceKey, DeviceValue>,
     pending: Table<'t, PendingKey, PendingValue>,
-    expiry: Table<'t, ExpiryKey, ()>,
+    buckets: Table<'t, BucketKey, u64>,
     collapse: Table<'t, CollapseKey, u64>,
     /// Device rows read or changed in this transaction, by app then
     /// device, with whether they changed: a device appended to or acked
@@ -909,7 +996,7 @@ impl<'t> Tables<'t> {
         Ok(Tables {
             devices: txn.open_table(DEVICES)?,
             pending: txn.open_table(PENDING)?,
-            expiry: txn.open_table(EXPIRY)?,
+            buckets: txn.open_table(BUCKETS)?,
             collapse: txn.open_table(COLLAPSE)?,
             rows: HashMap::new(),
         })
@@ -1070,7 +1157,7 @@ impl<'t> Tables<'t> {
                 msg.collapse_key.as_deref(),
             ),
         )?;
-        self.expiry.insert((msg.expires_ms, app, device, seq), ())?;
+        self.note_deadline(app, device, &mut row, msg.expires_ms)?;
         row.stored += 1;
         fx.pending += 1;
 
@@ -1115,6 +1202,35 @@ impl<'t> Tables<'t> {
         })
     }
 
+    /// Makes the device's expiry bucket for `expires_ms` cover it: nothing
+    /// to do when the row's noted bucket is that one and its value is no
+    /// later (the usual case), else the bucket is read and written.
+    fn note_deadline(
+        &mut self,
+        app: &str,
+        device: &str,
+        row: &mut DeviceRow,
+        expires_ms: u64,
+    ) -> Result<(), redb::Error> {
+        let minute = expires_ms / BUCKET_MS;
+        if row.bucket == minute && row.bucket_min_ms <= expires_ms {
+            return Ok(());
+        }
+        let key = (minute, app, device);
+        let found = if row.bucket == minute {
+            Some(row.bucket_min_ms)
+        } else {
+            self.buckets.get(key)?.map(|v| v.value())
+        };
+        let min = found.map_or(expires_ms, |f| f.min(expires_ms));
+        if found != Some(min) {
+            self.buckets.insert(key, min)?;
+        }
+        row.bucket = minute;
+        row.bucket_min_ms = min;
+        Ok(())
+    }
+
     /// Seqs of the device's rows up to `upto` whose deadline `pick` accepts.
     fn seqs(
         &self,
@@ -1133,17 +1249,14 @@ impl<'t> Tables<'t> {
         Ok(seqs)
     }
 
-    /// Removes one `pending` row with its `expiry` and `collapse` entries
-    /// (the caller fixes the device row); returns whether it was there.
+    /// Removes one `pending` row with its `collapse` entry (the caller
+    /// fixes the device row; expiry buckets are swept by `expire`); returns
+    /// whether it was there.
     fn remove_one(&mut self, app: &str, device: &str, seq: u64) -> Result<bool, redb::Error> {
-        let (expires_ms, key) = match self.pending.remove((app, device, seq))? {
-            Some(v) => {
-                let (_, _, _, expires_ms, key) = v.value();
-                (expires_ms, key.map(str::to_owned))
-            }
+        let key = match self.pending.remove((app, device, seq))? {
+            Some(v) => v.value().4.map(str::to_owned),
             None => return Ok(false),
         };
-        self.expiry.remove((expires_ms, app, device, seq))?;
         if let Some(key) = key {
             let current = self
                 .collapse
@@ -1170,26 +1283,7 @@ impl<'t> Tables<'t> {
         if row.stored == 0 {
             return Ok(0);
         }
-        // One pass over the device's range (redb rewrites the leaves it
-        // touches once) instead of a lookup and a removal per message; the
-        // index entries of what it removed go after.
-        let mut gone: Vec<(u64, u64, Option<Box<str>>)> = Vec::new();
-        self.pending
-            .retain_in((app, device, 0)..=(app, device, upto), |key, value| {
-                let (_, _, _, expires_ms, collapse_key) = value;
-                gone.push((key.2, expires_ms, collapse_key.map(Box::from)));
-                false
-            })?;
-        for (seq, expires_ms, collapse_key) in &gone {
-            self.expiry.remove((*expires_ms, app, device, *seq))?;
-            if let Some(key) = collapse_key.as_deref() {
-                let current = self.collapse.get((app, device, key))?.map(|v| v.value());
-                if current == Some(*seq) {
-                    self.collapse.remove((app, device, key))?;
-                }
-            }
-        }
-        let n = gone.len() as u64;
+        let n = self.remove_where(app, device, upto, |_| true)?;
         if n > 0 {
             row.stored -= n;
             fx.pending -= n as i64;
@@ -1198,30 +1292,109 @@ impl<'t> Tables<'t> {
         Ok(n)
     }
 
+    /// Removes the device's messages with seq ≤ `upto` whose deadline
+    /// `pick` accepts, with their `collapse` entries (the caller fixes the
+    /// device row); returns how many. One pass over the device's range
+    /// (redb rewrites the leaves it touches once) instead of a lookup and a
+    /// removal per message.
+    fn remove_where(
+        &mut self,
+        app: &str,
+        device: &str,
+        upto: u64,
+        mut pick: impl FnMut(u64) -> bool,
+    ) -> Result<u64, redb::Error> {
+        let mut n = 0;
+        let mut keys: Vec<(u64, Box<str>)> = Vec::new();
+        self.pending
+            .retain_in((app, device, 0)..=(app, device, upto), |key, value| {
+                let (_, _, _, expires_ms, collapse_key) = value;
+                if !pick(expires_ms) {
+                    return true;
+                }
+                n += 1;
+                if let Some(k) = collapse_key {
+                    keys.push((key.2, Box::from(k)));
+                }
+                false
+            })?;
+        for (seq, key) in &keys {
+            let current = self.collapse.get((app, device, &**key))?.map(|v| v.value());
+            if current == Some(*seq) {
+                self.collapse.remove((app, device, &**key))?;
+            }
+        }
+        Ok(n)
+    }
+
     /// Removes every message with `expires_ms < now_ms`, found through the
-    /// deadline index; returns how many.
+    /// expiry buckets; returns how many. Each device with a bucket whose
+    /// minute has begun and whose value is before `now_ms` gets one pass
+    /// over its rows; then its buckets whose minute is over go, and the
+    /// one still running gets the earliest deadline left in it.
     fn expire(&mut self, now_ms: u64, fx: &mut Effects) -> Result<u64, redb::Error> {
-        // Everything below this key has expires_ms < now_ms (seqs start at 1).
-        let bound: ExpiryKey = (now_ms, "", "", 0);
-        let mut due = Vec::new();
-        for entry in self.expiry.range(..bound)? {
-            let (key, _) = entry?;
-            let (_, app, device, seq) = key.value();
-            due.push((app.to_owned(), device.to_owned(), seq));
-        }
-        let mut per_device: HashMap<(String, String), u64> = HashMap::new();
-        for (app, device, seq) in due {
-            if self.remove_one(&app, &device, seq)? {
-                *per_device.entry((app, device)).or_default() += 1;
+        // A message expired at `now_ms` has its deadline in a minute that
+        // began before `now_ms`: in a bucket below this key, whose value
+        // (its earliest deadline) is before `now_ms`.
+        let bound: BucketKey = (now_ms.div_ceil(BUCKET_MS), "", "");
+        let mut due: HashMap<(String, String), Vec<u64>> = HashMap::new();
+        for entry in self.buckets.range(..bound)? {
+            let (key, min) = entry?;
+            if min.value() >= now_ms {
+                continue;
             }
+            let (minute, app, device) = key.value();
+            due.entry((app.to_owned(), device.to_owned()))
+                .or_default()
+                .push(minute);
         }
+        // The minute `now_ms` is in: its bucket may keep messages.
+        let running = now_ms / BUCKET_MS;
         let mut removed = 0;
-        for ((app, device), n) in per_device {
-            if let Some(mut row) = self.row(&app, &device)? {
-                row.stored = row.stored.saturating_sub(n);
-                self.put_row(&app, &device, &row)?;
-            }
+        for ((app, device), minutes) in due {
+            let Some(mut row) = self.row(&app, &device)? else {
+                // No row, no messages (a row is never deleted).
+                for minute in minutes {
+                    self.buckets.remove((minute, &*app, &*device))?;
+                }
+                continue;
+            };
+            // The earliest deadline left in the running minute.
+            let mut left: Option<u64> = None;
+            let n = if row.stored > 0 {
+                self.remove_where(&app, &device, u64::MAX, |expires_ms| {
+                    if expires_ms < now_ms {
+                        return true;
+                    }
+                    if expires_ms / BUCKET_MS == running {
+                        left = Some(left.map_or(expires_ms, |l| l.min(expires_ms)));
+                    }
+                    false
+                })?
+            } else {
+                0
+            };
+            row.stored = row.stored.saturating_sub(n);
             removed += n;
+            for minute in minutes {
+                let key = (minute, &*app, &*device);
+                match left.filter(|_| minute == running) {
+                    Some(min) => {
+                        self.buckets.insert(key, min)?;
+                        if row.bucket == minute {
+                            row.bucket_min_ms = min;
+                        }
+                    }
+                    // Over, or nothing left in it.
+                    None => {
+                        self.buckets.remove(key)?;
+                        if row.bucket == minute {
+                            row.bucket = NO_BUCKET;
+                        }
+                    }
+                }
+            }
+            self.put_row(&app, &device, &row)?;
         }
         fx.pending -= removed as i64;
         Ok(removed)
@@ -1610,6 +1783,137 @@ mod tests {
             .expect("append");
         assert_eq!((out[0].seq, out[0].collapsed), (2, 1));
         assert_eq!(seqs(&s, "a", "d", 0).await, [2]);
+    }
+
+    /// Rows of the bucket index, as committed.
+    fn bucket_count(s: &RedbStore) -> u64 {
+        let txn = s.db().expect("db").begin_read().expect("read");
+        txn.open_table(BUCKETS)
+            .expect("buckets")
+            .len()
+            .expect("len")
+    }
+
+    #[tokio::test]
+    async fn expiry_buckets_are_one_per_device_minute_and_swept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path());
+        // 50 messages of one device expiring in one minute: one bucket.
+        for i in 0..50 {
+            s.append("a", &["d"], &msg(&format!("m{i}"), 0, 1000 + i, None), 100)
+                .await
+                .expect("append");
+        }
+        assert_eq!(bucket_count(&s), 1);
+        // An earlier deadline in the same minute lowers it: still swept
+        // on time.
+        s.append("a", &["d"], &msg("early", 0, 500, None), 100)
+            .await
+            .expect("append");
+        assert_eq!(bucket_count(&s), 1);
+        assert_eq!(s.expire(501).await.expect("expire").expired, 1);
+        // Acks leave the bucket; the sweep after its minute takes it.
+        s.ack("a", "d", 50).await.expect("ack");
+        assert_eq!(bucket_count(&s), 1);
+        assert_eq!(s.expire(59_999).await.expect("expire").expired, 0);
+        assert_eq!(s.expire(60_000).await.expect("expire").expired, 0);
+        assert_eq!(bucket_count(&s), 0);
+        // In the running minute a bucket stays while messages are left in it.
+        for ttl in [61_000, 62_000] {
+            s.append("a", &["d"], &msg("late", 0, ttl, None), 100)
+                .await
+                .expect("append");
+        }
+        assert_eq!(s.expire(61_001).await.expect("expire").expired, 1);
+        assert_eq!(bucket_count(&s), 1);
+        assert_eq!(s.expire(62_001).await.expect("expire").expired, 1);
+        assert_eq!(bucket_count(&s), 0);
+        // A message of that minute stored after its bucket went gets it back.
+        s.append("a", &["d"], &msg("later", 0, 63_000, None), 100)
+            .await
+            .expect("append");
+        assert_eq!(bucket_count(&s), 1);
+        assert_eq!(s.expire(63_001).await.expect("expire").expired, 1);
+        assert_eq!(s.pending_total(), 0);
+    }
+
+    #[tokio::test]
+    async fn schema_1_file_is_migrated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join(DB_FILE);
+        {
+            let db = Database::create(&file).expect("create");
+            let txn = db.begin_write().expect("txn");
+            {
+                txn.open_table(META)
+                    .expect("meta")
+                    .insert("schema", 1)
+                    .expect("schema");
+                let mut devices = txn.open_table(DEVICES_V1).expect("devices");
+                devices.insert(("a", "d"), (4, 1, 2, 3, 7, 9)).expect("row");
+                devices.insert(("a", "e"), (2, 0, 0, 1, 5, 5)).expect("row");
+                let mut pending = txn.open_table(PENDING).expect("pending");
+                let mut expiry = txn.open_table(EXPIRY_V1).expect("expiry");
+                for (seq, expires_ms, key) in [(2, 70_000, Some("k")), (3, 200_000, None)] {
+                    let id = format!("m{seq}");
+                    pending
+                        .insert(("a", "d", seq), (&*id, &b"1"[..], 0, expires_ms, key))
+                        .expect("pending");
+                    expiry
+                        .insert((expires_ms, "a", "d", seq), ())
+                        .expect("expiry");
+                }
+                txn.open_table(COLLAPSE)
+                    .expect("collapse")
+                    .insert(("a", "d", "k"), 2)
+                    .expect("collapse");
+            }
+            txn.commit().expect("commit");
+        }
+
+        let s = open(dir.path());
+        assert_eq!(s.pending_total(), 2);
+        assert_eq!(seqs(&s, "a", "d", 0).await, [2, 3]);
+        let rec = s.device("a", "d", 0).await.expect("device").expect("seen");
+        assert_eq!(
+            rec,
+            DeviceRecord {
+                first_seen_ms: Some(7),
+                last_seen_ms: Some(9),
+                sessions: 3,
+                pending: 2
+            }
+        );
+        assert_eq!(s.take_dropped("a", "d").await.expect("take"), 1);
+        // Seqs go on; the collapse index came over.
+        let out = s
+            .append("a", &["d", "e"], &msg("m4", 0, 100_000, Some("k")), 10)
+            .await
+            .expect("append");
+        assert_eq!((out[0].seq, out[0].collapsed, out[1].seq), (4, 1, 2));
+        // The old index entries became buckets: seq 3 expires on time.
+        assert_eq!(s.expire(100_001).await.expect("expire").expired, 2);
+        assert_eq!(seqs(&s, "a", "d", 0).await, [3]);
+        assert_eq!(s.expire(200_001).await.expect("expire").expired, 1);
+        assert_eq!(s.pending_total(), 0);
+        drop(s);
+
+        let db = Database::create(&file).expect("open");
+        let txn = db.begin_read().expect("read");
+        let meta = txn.open_table(META).expect("meta");
+        assert_eq!(
+            meta.get("schema").expect("get").map(|v| v.value()),
+            Some(SCHEMA)
+        );
+        let names: Vec<String> = txn
+            .list_tables()
+            .expect("tables")
+            .map(|t| redb::TableHandle::name(&t).to_string())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n == "devices" || n == "expiry"),
+            "{names:?}"
+        );
     }
 
     #[tokio::test]
