@@ -79,6 +79,8 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error("{0}")]
     Handoff(#[from] HandoffError),
+    #[error("cannot start the API thread: {0}")]
+    ApiThread(std::io::Error),
 }
 
 /// A running gateway.
@@ -317,13 +319,23 @@ impl Node {
         });
         let (api_stop, stop_rx) = tokio::sync::watch::channel(false);
         let router = api::router(state);
-        let api_listener = net::GatedListener::new(api_listener, accepting.subscribe());
-        let api_task = tokio::spawn(api::serve(
-            api_listener,
-            router,
-            stop_rx,
-            api::HEADER_TIMEOUT,
-        ));
+        // Registered again on the API thread's runtime (see
+        // `api::spawn_on_own_thread`), so accepting does not depend on the
+        // device runtime's I/O driver either.
+        let api_listener = api_listener.into_std().map_err(StartError::ApiThread)?;
+        let api_gate = accepting.subscribe();
+        let api_task = api::spawn_on_own_thread(move || async move {
+            match tokio::net::TcpListener::from_std(api_listener) {
+                Ok(l) => {
+                    let l = net::GatedListener::new(l, api_gate);
+                    api::serve(l, router, stop_rx, api::HEADER_TIMEOUT).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "API listener: cannot register it; the API is off")
+                }
+            }
+        })
+        .map_err(StartError::ApiThread)?;
 
         tracing::info!(pid = std::process::id(), device = %device_addr, api = %api_addr, tls = config.device.tls_cert.is_some(), store = ?config.store.kind, "pushgate serving");
         Ok(Node {

@@ -216,3 +216,20 @@ async fn rate_limit_per_app() {
     .await;
     assert_eq!(r.status, 202);
 }
+
+/// The API has a thread of its own: it answers while every thread of the
+/// runtime the devices run on is blocked (here the test's only one, by a
+/// blocking call). On the shared runtime this call could not be answered.
+#[tokio::test(flavor = "current_thread")]
+async fn the_api_answers_while_the_device_runtime_is_busy() {
+    use std::io::{Read, Write};
+    let gw = Gateway::start().await;
+    let mut s = std::net::TcpStream::connect(gw.api).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let read = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{read:?}: {answer:?}");
+}
