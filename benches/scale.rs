@@ -55,6 +55,11 @@ const DELIVERY_LIMIT: Duration = Duration::from_secs(600);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The gateway binary's allocator, set up as `pushgate serve` does
+/// (src/main.rs), so the RSS figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 struct Args {
     conns: usize,
     trivial: bool,
@@ -400,6 +405,8 @@ async fn wait_for(counter: &AtomicU64, target: u64, start: Instant) -> Option<Du
 
 fn main() -> Result<(), BoxError> {
     let args = parse_args()?;
+    tikv_jemalloc_ctl::background_thread::write(true)
+        .map_err(|e| format!("cannot start jemalloc's background thread: {e}"))?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

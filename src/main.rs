@@ -13,6 +13,14 @@ use pushgate::auth::{issue_device_token, valid_topic_pattern, AuthError};
 use pushgate::config::{self, Config};
 use pushgate::node::{self, RunOptions};
 
+/// jemalloc rather than glibc's malloc: after a burst of broadcasts glibc
+/// kept the freed per-connection queue buffers (RSS +160–390 B per
+/// connection at 15k, for good), jemalloc gives them back to the system
+/// (see [`return_freed_memory_in_background`] and BENCHMARKS.md,
+/// "Allocator").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Where `serve --dev` keeps its data.
 const DEV_DATA_DIR: &str = "pushgate-data";
 /// The device of the token `serve --dev` prints.
@@ -166,6 +174,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         }
     }
+    return_freed_memory_in_background();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -182,6 +191,22 @@ fn serve(args: ServeArgs) -> ExitCode {
         takeover: args.takeover,
     };
     runtime.block_on(node::run(config, options))
+}
+
+/// Start jemalloc's background thread, which returns freed pages to the
+/// system once they have been unused for about 10 s (jemalloc's
+/// `dirty_decay_ms`; `_RJEM_MALLOC_CONF=dirty_decay_ms:N` changes it).
+/// Without it jemalloc purges only from inside later allocations, so a
+/// gateway that goes quiet after a burst would keep the burst's memory.
+/// After the environment edits above: this starts a thread.
+fn return_freed_memory_in_background() {
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!(
+            error = %e,
+            "cannot start the allocator's background thread: memory freed \
+             after a burst goes back to the system only with later allocations"
+        );
+    }
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
@@ -308,4 +333,15 @@ fn now_secs() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freed_memory_is_returned_in_the_background() {
+        return_freed_memory_in_background();
+        assert!(tikv_jemalloc_ctl::background_thread::read().expect("read"));
+    }
 }
