@@ -762,17 +762,7 @@ pub fn sink_main(o: SinkOpts) -> Result<()> {
 
 /// A blocking connect from `source` (loopback connects complete at once).
 fn connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-    socket.set_tcp_nodelay(true)?;
-    if let Some(ip) = source {
-        let _ = nix::sys::socket::setsockopt(
-            &socket,
-            nix::sys::socket::sockopt::IpBindAddressNoPort,
-            &true,
-        );
-        socket.bind(&SocketAddr::new(ip, 0).into())?;
-    }
+    let socket = crate::net::client_socket(addr, source)?;
     socket.connect(&addr.into())?;
     Ok(socket.into())
 }

@@ -68,8 +68,16 @@ impl AsyncWrite for Stream {
 /// kernel at connect time, so one source address is limited by 4-tuples,
 /// not by its ephemeral port range).
 pub async fn connect_tcp(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let socket = client_socket(addr, source)?;
     socket.set_nonblocking(true)?;
+    let std: std::net::TcpStream = socket.into();
+    TcpSocket::from_std_stream(std).connect(addr).await
+}
+
+/// A TCP socket for a connection to `addr`, no-delay, bound to `source`
+/// if given; not yet connected (blocking or not is the caller's choice).
+pub fn client_socket(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_tcp_nodelay(true)?;
     if let Some(ip) = source {
         if ip.is_ipv4() {
@@ -83,8 +91,7 @@ pub async fn connect_tcp(addr: SocketAddr, source: Option<IpAddr>) -> io::Result
         }
         socket.bind(&SocketAddr::new(ip, 0).into())?;
     }
-    let std: std::net::TcpStream = socket.into();
-    TcpSocket::from_std_stream(std).connect(addr).await
+    Ok(socket)
 }
 
 /// A TLS connector that verifies handshake signatures but accepts any
