@@ -71,6 +71,21 @@ impl Gateway {
         Ok(())
     }
 
+    /// An error with the log's tail if the gateway process (`who`) has
+    /// exited during `what`.
+    fn fail_if_exited(&mut self, who: &str, what: &str) -> Result<()> {
+        if let Some(c) = self.child.as_mut() {
+            if let Some(status) = c.try_wait()? {
+                bail!(
+                    "{who} exited during {what} ({status}); its log {}:\n{}",
+                    self.log.display(),
+                    log_tail(&self.log)
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Starts `bin serve --config config` and waits for /healthz and the
     /// device port.
     async fn start(&mut self) -> Result<f64> {
@@ -79,15 +94,7 @@ impl Gateway {
         let deadline = t + self.startup_timeout;
         // Bounded by the startup timeout.
         loop {
-            if let Some(c) = self.child.as_mut() {
-                if let Some(status) = c.try_wait()? {
-                    bail!(
-                        "the gateway exited during startup ({status}); its log {}:\n{}",
-                        self.log.display(),
-                        log_tail(&self.log)
-                    );
-                }
-            }
+            self.fail_if_exited("the gateway", "startup")?;
             let healthy = matches!(self.api.get("/healthz").await, Ok(r) if r.status == 200);
             let device_up = healthy
                 && tokio::time::timeout(
@@ -168,15 +175,7 @@ impl Gateway {
                     served = Some(t.elapsed().as_secs_f64());
                 }
             }
-            if let Some(c) = self.child.as_mut() {
-                if let Some(status) = c.try_wait()? {
-                    bail!(
-                        "the new gateway exited during the takeover ({status}); its log {}:\n{}",
-                        self.log.display(),
-                        log_tail(&self.log)
-                    );
-                }
-            }
+            self.fail_if_exited("the new gateway", "the takeover")?;
             if let Some(status) = old.try_wait()? {
                 if status.code() != Some(0) {
                     eprintln!("note: the old gateway exited with {status} after the takeover");
