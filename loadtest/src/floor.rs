@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::Api;
 use crate::cli::{BenchOpts, StoreKind};
+use crate::procstat;
 use crate::results::Percentiles;
 use crate::target::{split_url, Endpoint};
 
@@ -158,9 +159,9 @@ impl FloorResult {
         round_ms: Vec<f64>,
         sender_cpu_ms: Option<f64>,
         (frames, sink_cpu_ms, latency_ms): (u64, f64, Option<Percentiles>),
-    ) -> Result<FloorResult> {
+    ) -> FloorResult {
         let expected = (o.connections as u64) * u64::from(o.count);
-        Ok(FloorResult {
+        FloorResult {
             sender,
             connections: o.connections,
             rounds: o.count,
@@ -174,7 +175,7 @@ impl FloorResult {
             frames_expected: expected,
             latency_ms,
             sink_cpu_ms,
-        })
+        }
     }
 }
 
@@ -408,7 +409,7 @@ fn write_rounds(
     );
     std::thread::sleep(Duration::from_secs_f64(o.settle));
 
-    let cpu_before = own_cpu_ms()?;
+    let cpu_before = procstat::own_cpu_ms()?;
     let round_ms = if o.threads == 1 {
         (0..o.count)
             .map(|_| write_round(&conns, o.frame_bytes))
@@ -416,8 +417,14 @@ fn write_rounds(
     } else {
         write_rounds_threaded(&conns, o)?
     };
-    let cpu_ms = own_cpu_ms()? - cpu_before;
-    FloorResult::new(o, "raw", round_ms, Some(cpu_ms), collect(sinks)?)
+    let cpu_ms = procstat::own_cpu_ms()? - cpu_before;
+    Ok(FloorResult::new(
+        o,
+        "raw",
+        round_ms,
+        Some(cpu_ms),
+        collect(sinks)?,
+    ))
 }
 
 /// Gateway mode: `--count` broadcasts back to back through the API, each
@@ -464,7 +471,7 @@ fn broadcast_rounds(
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_secs_f64(o.settle));
-    let cpu_before = o.gateway_pid.map(threads_cpu_ms).transpose()?;
+    let cpu_before = o.gateway_pid.map(procstat::threads_cpu_ms).transpose()?;
     let round_ms = rt.block_on(async {
         let mut rounds = Vec::new();
         for _ in 0..o.count {
@@ -486,7 +493,7 @@ fn broadcast_rounds(
     })?;
     let seen = collect(sinks)?;
     let cpu_ms = match (o.gateway_pid, cpu_before) {
-        (Some(pid), Some(before)) => Some(threads_cpu_ms(pid)? - before),
+        (Some(pid), Some(before)) => Some(procstat::threads_cpu_ms(pid)? - before),
         _ => None,
     };
     let sender = if o.topic.is_some() {
@@ -494,26 +501,7 @@ fn broadcast_rounds(
     } else {
         "gateway"
     };
-    FloorResult::new(o, sender, round_ms, cpu_ms, seen)
-}
-
-/// CPU time of every thread of `pid`, ms, from schedstat (ns): precise
-/// where /proc/PID/stat counts 10 ms ticks.
-fn threads_cpu_ms(pid: u32) -> Result<f64> {
-    let dir = format!("/proc/{pid}/task");
-    let mut ns = 0u64;
-    for t in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
-        let path = t?.path().join("schedstat");
-        // A thread that exits between the listing and the read is skipped.
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            ns += text
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .with_context(|| format!("parsing {}", path.display()))?;
-        }
-    }
-    Ok(ns as f64 / 1e6)
+    Ok(FloorResult::new(o, sender, round_ms, cpu_ms, seen))
 }
 
 /// One raw frame: a WebSocket text header and a msg frame like the
@@ -604,15 +592,6 @@ fn read_line(out: &mut BufReader<ChildStdout>) -> Result<String> {
     let n = out.read_line(&mut line).context("reading a sink")?;
     ensure!(n > 0, "a floor sink exited early (see its error above)");
     Ok(line)
-}
-
-/// This process's CPU time (all threads), ms, from getrusage: µs precision,
-/// unlike /proc's 10 ms ticks.
-pub fn own_cpu_ms() -> Result<f64> {
-    use nix::sys::resource::{getrusage, UsageWho};
-    let u = getrusage(UsageWho::RUSAGE_SELF).context("getrusage")?;
-    let ms = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1000.0 + t.tv_usec() as f64 / 1000.0;
-    Ok(ms(u.user_time()) + ms(u.system_time()))
 }
 
 fn summary(r: &FloorResult) -> String {
@@ -710,7 +689,7 @@ pub fn sink_main(o: SinkOpts) -> Result<()> {
             .context("epoll_ctl")?;
     }
     println!("ready");
-    let cpu_before = own_cpu_ms()?;
+    let cpu_before = procstat::own_cpu_ms()?;
     let expected = o.connections as u64 * u64::from(o.count);
     let mut hist = Histogram::<u64>::new(3).context("histogram")?;
     let mut frames = 0u64;
@@ -750,7 +729,7 @@ pub fn sink_main(o: SinkOpts) -> Result<()> {
     }
     let report = SinkReport {
         frames,
-        cpu_ms: own_cpu_ms()? - cpu_before,
+        cpu_ms: procstat::own_cpu_ms()? - cpu_before,
         buckets: hist
             .iter_recorded()
             .map(|v| (v.value_iterated_to(), v.count_at_value()))

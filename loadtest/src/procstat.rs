@@ -53,6 +53,34 @@ pub fn self_cpu_ms() -> f64 {
     read("self").map(|s| s.cpu_ms).unwrap_or(0.0)
 }
 
+/// This process's CPU time (all threads), ms, from getrusage: µs precision,
+/// unlike /proc's 10 ms ticks.
+pub fn own_cpu_ms() -> Result<f64> {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let u = getrusage(UsageWho::RUSAGE_SELF).context("getrusage")?;
+    let ms = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1000.0 + t.tv_usec() as f64 / 1000.0;
+    Ok(ms(u.user_time()) + ms(u.system_time()))
+}
+
+/// CPU time of every thread of `pid`, ms, from schedstat (ns): precise
+/// where /proc/PID/stat counts 10 ms ticks.
+pub fn threads_cpu_ms(pid: u32) -> Result<f64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut ns = 0u64;
+    for t in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let path = t?.path().join("schedstat");
+        // A thread that exits between the listing and the read is skipped.
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            ns += text
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .with_context(|| format!("parsing {}", path.display()))?;
+        }
+    }
+    Ok(ns as f64 / 1e6)
+}
+
 fn status_kb(status: &str, key: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with(key))?;
     line[key.len()..].split_whitespace().next()?.parse().ok()
