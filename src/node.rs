@@ -323,17 +323,10 @@ impl Node {
         // `api::spawn_on_own_thread`), so accepting does not depend on the
         // device runtime's I/O driver either.
         let api_listener = api_listener.into_std().map_err(StartError::ApiThread)?;
-        let api_gate = accepting.subscribe();
-        let api_task = api::spawn_on_own_thread(move || async move {
-            match tokio::net::TcpListener::from_std(api_listener) {
-                Ok(l) => {
-                    let l = net::GatedListener::new(l, api_gate);
-                    api::serve(l, router, stop_rx, api::HEADER_TIMEOUT).await;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "API listener: cannot register it; the API is off")
-                }
-            }
+        let api_task = api::spawn_on_own_thread(|| {
+            let listener = tokio::net::TcpListener::from_std(api_listener)?;
+            let listener = net::GatedListener::new(listener, accepting.subscribe());
+            Ok(api::serve(listener, router, stop_rx, api::HEADER_TIMEOUT))
         })
         .map_err(StartError::ApiThread)?;
 

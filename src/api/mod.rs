@@ -102,29 +102,35 @@ pub async fn serve(
     }
 }
 
-/// Runs the API server (the future `serve()` makes, made and run on the new
-/// thread, so its sockets register with that thread's I/O driver) on a
-/// thread of its own with its own one-thread runtime. On the device
-/// runtime, a call's task waited in the same run queues as the thousands of
-/// connection tasks a commit or a broadcast wakes at once, and its sockets'
-/// readiness on the same driver; on its own thread it gets its share of a
-/// core from the kernel's scheduler instead. Everything the handlers touch
-/// (the dispatcher, the hub, the store's writer channel) is shared across
-/// threads. The returned handle finishes when the server has stopped.
-pub fn spawn_on_own_thread<F, Fut>(serve: F) -> std::io::Result<tokio::task::JoinHandle<()>>
+/// Runs the API server on a thread of its own with its own one-thread
+/// runtime. On the device runtime, a call's task waited in the same run
+/// queues as the thousands of connection tasks a commit or a broadcast
+/// wakes at once, and its sockets' readiness on the same driver; on its own
+/// thread it gets its share of a core from the kernel's scheduler instead.
+/// `make` runs here, inside the new runtime, so the sockets it registers
+/// belong to that runtime's I/O driver, and its error is the caller's.
+/// Everything the handlers touch (the dispatcher, the hub, the store's
+/// writer channel) is shared across threads. The returned handle finishes
+/// when the server has stopped.
+pub fn spawn_on_own_thread<Fut>(
+    make: impl FnOnce() -> std::io::Result<Fut>,
+) -> std::io::Result<tokio::task::JoinHandle<()>>
 where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()>,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("pushgate-api")
         .build()?;
+    let serve = {
+        let _in = rt.enter();
+        make()?
+    };
     let (done, finished) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("pushgate-api".into())
         .spawn(move || {
-            rt.block_on(serve());
+            rt.block_on(serve);
             // Connection tasks still running after the grace period end
             // with the runtime.
             rt.shutdown_background();
