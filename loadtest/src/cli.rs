@@ -211,6 +211,13 @@ pub struct LoadOpts {
     /// device: message ttl in seconds (0: now-or-never, no seq, no ack).
     #[arg(long, default_value_t = 3600)]
     pub ttl: u64,
+    /// device: push while no device is connected (store-and-forward: the
+    /// durable store and the API alone), then connect every device and
+    /// check it receives every accepted message. Needs ttl > 0 and at most
+    /// 50 messages per device on average (the gateway's default
+    /// max_pending is 100).
+    #[arg(long)]
+    pub offline: bool,
     /// device: messages per API call (>1 uses /messages/batch, at most 500).
     #[arg(long, default_value_t = 1)]
     pub batch: u32,

@@ -22,6 +22,10 @@ pub struct Sample {
     pub cpu_ms: f64,
     /// Open file descriptors; 0 when not known.
     pub fds: u64,
+    /// Bytes the process has caused to be written to storage (page-cache
+    /// pages dirtied: `write_bytes` of /proc/PID/io); 0 when not known.
+    #[serde(default)]
+    pub write_bytes: u64,
 }
 
 /// Reads /proc/`pid` (`"self"` for this process).
@@ -40,12 +44,25 @@ pub fn read(pid: &str) -> Result<Sample> {
     let fds = std::fs::read_dir(base.join("fd"))
         .map(|d| d.count() as u64)
         .unwrap_or(0);
+    // Readable only for our own processes (or as root).
+    let write_bytes = std::fs::read_to_string(base.join("io"))
+        .ok()
+        .and_then(|io| io_field(&io, "write_bytes:"))
+        .unwrap_or(0);
     Ok(Sample {
         rss_bytes,
         hwm_bytes,
         cpu_ms,
         fds,
+        write_bytes,
     })
+}
+
+/// A `name: value` line of /proc/PID/io.
+fn io_field(io: &str, name: &str) -> Option<u64> {
+    io.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// This process's CPU time in ms (0 if /proc is unreadable).
@@ -130,6 +147,7 @@ pub fn from_metrics(text: &str) -> Option<Sample> {
         hwm_bytes: 0,
         cpu_ms: cpu.unwrap_or(0.0),
         fds: fds.unwrap_or(0),
+        write_bytes: 0,
     })
 }
 
@@ -142,6 +160,14 @@ mod tests {
         let s = read("self").expect("/proc/self is readable on Linux");
         assert!(s.rss_bytes > 0);
         assert!(s.fds > 0);
+    }
+
+    #[test]
+    fn reads_io_fields() {
+        let io = "rchar: 10\nwchar: 20\nsyscr: 1\nsyscw: 2\nread_bytes: 0\nwrite_bytes: 8192\n";
+        assert_eq!(io_field(io, "write_bytes:"), Some(8192));
+        assert_eq!(io_field(io, "wchar:"), Some(20));
+        assert_eq!(io_field(io, "cancelled_write_bytes:"), None);
     }
 
     #[test]

@@ -276,6 +276,10 @@ pub struct GatewayStats {
     pub cpu_ms_per_1000_deliveries: Option<f64>,
     /// Gateway CPU from before connecting to the end.
     pub cpu_ms_total: Option<f64>,
+    /// Device scenarios: bytes the gateway wrote to storage over the
+    /// sending phase per accepted message (the store's write amplification;
+    /// with devices online it includes removing acked messages).
+    pub write_bytes_per_message: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -552,6 +556,9 @@ impl Results {
             }
             if let Some(x) = g.cpu_ms_per_1000_deliveries {
                 let _ = writeln!(s, "  cpu ms per 1000 deliveries {x:.2}");
+            }
+            if let Some(x) = g.write_bytes_per_message {
+                let _ = writeln!(s, "  storage writes per accepted message {x:.0} B");
             }
         }
         let cl = &self.client;

@@ -36,6 +36,10 @@ const MAX_MESSAGES: u64 = 10_000_000;
 /// Most `--backlog`: the gateway's default `max_pending`, above which the
 /// oldest would be dropped before the devices connect.
 const MAX_BACKLOG: u64 = 100;
+/// How often `Fleet::wait_for` looks at its condition without an event.
+const COND_POLL: Duration = Duration::from_millis(50);
+/// `--offline`: most messages per device on average.
+const MAX_OFFLINE_MEAN: u64 = 50;
 
 /// A validated run: resolved endpoints, worker shares, ids.
 #[derive(Debug, Clone)]
@@ -162,11 +166,27 @@ impl Plan {
                 if o.batch == 0 || o.batch > 500 {
                     bail!("--batch must be 1..=500");
                 }
+                if o.offline {
+                    if o.ttl == 0 {
+                        bail!("--ttl 0 is never stored: --offline needs ttl > 0");
+                    }
+                    if o.rate * o.duration > (o.connections * MAX_OFFLINE_MEAN) as f64 {
+                        // Random targets: a mean of 50 keeps every device
+                        // well under the default max_pending of 100.
+                        bail!(
+                            "--offline: --rate × --duration must be at most {MAX_OFFLINE_MEAN} × -n, \
+                             or devices would reach max_pending and drop"
+                        );
+                    }
+                }
             }
             Scenario::Storm if o.rounds == 0 || o.rounds > 1000 => {
                 bail!("--rounds must be 1..=1000")
             }
             _ => {}
+        }
+        if o.offline && scenario != Scenario::Device {
+            bail!("--offline only applies to the device scenario");
         }
         if restart != Restart::No && scenario != Scenario::Storm {
             bail!("--restart and --takeover only apply to the storm scenario");
@@ -531,6 +551,10 @@ impl Fleet {
                 },
                 _ = tokio::time::sleep_until(deadline) => return Wait::Timeout,
                 _ = stop.changed() => {}
+                // Conditions on things other than worker events (a sending
+                // task finishing before any worker has connected) are seen
+                // within this.
+                _ = tokio::time::sleep(COND_POLL) => {}
             }
         }
     }
@@ -986,6 +1010,29 @@ async fn send_devices(plan: Arc<Plan>, api: Arc<Api>, stop: Stop) -> SendLog {
     std::mem::take(&mut *l)
 }
 
+/// Waits for a sending task, at most `limit_secs` (then aborts it and
+/// records the error), and returns its log.
+async fn finish_sending(
+    fleet: &mut Fleet,
+    handle: tokio::task::JoinHandle<SendLog>,
+    limit_secs: f64,
+    stop: &Stop,
+    res: &mut Results,
+) -> SendLog {
+    let w = fleet
+        .wait_for(
+            |_| handle.is_finished(),
+            Instant::now() + Duration::from_secs_f64(limit_secs),
+            stop,
+        )
+        .await;
+    if w == Wait::Timeout {
+        handle.abort();
+        res.errors.push("sending did not finish in time".into());
+    }
+    handle.await.unwrap_or_default()
+}
+
 /// Runs the plan; `gw` is the gateway `bench` started (for its pid and for
 /// storm restarts).
 pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results> {
@@ -1071,6 +1118,22 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
         )));
     }
 
+    let client_cpu =
+        |f: &Fleet| f.latest.iter().map(|p| p.cpu_ms).sum::<f64>() + procstat::self_cpu_ms();
+
+    // Device --offline: every push is stored before any device connects;
+    // the phase's gateway and client CPU are those of storing alone.
+    let mut offline: Option<(SendLog, (f64, f64))> = None;
+    if ok && plan.scenario == Scenario::Device && o.offline {
+        gs.before_send = probe.sample().await;
+        let c0 = client_cpu(&fleet);
+        let handle = tokio::spawn(send_devices(plan.clone(), api.clone(), stop.clone()));
+        let sent = finish_sending(&mut fleet, handle, o.duration + 60.0, &stop, &mut res).await;
+        gs.after_send = probe.sample().await;
+        ok = !stopped(&stop);
+        offline = Some((sent, (c0, client_cpu(&fleet))));
+    }
+
     // Ramp.
     let ramp_start = Instant::now();
     if ok {
@@ -1118,11 +1181,24 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
     // The scenario's action.
     let mut log: Option<SendLog> = None;
     let mut phase_cpu: Option<(f64, f64)> = None;
-    let client_cpu =
-        |f: &Fleet| f.latest.iter().map(|p| p.cpu_ms).sum::<f64>() + procstat::self_cpu_ms();
     if ok {
         match plan.scenario {
             Scenario::Idle => {}
+            Scenario::Device if offline.is_some() => {
+                let (sent, cpu) = offline.take().unwrap_or_default();
+                let owed = sent.owed.len() as u64;
+                let kind = Kind::Device;
+                let w = fleet
+                    .wait_for(
+                        |f| f.sum().delivered[kind.idx()] >= owed,
+                        Instant::now() + Duration::from_secs_f64(o.drain_timeout),
+                        &stop,
+                    )
+                    .await;
+                ok = matches!(w, Wait::Met | Wait::Timeout);
+                phase_cpu = Some(cpu);
+                log = Some(sent);
+            }
             Scenario::Broadcast | Scenario::Topic | Scenario::Device => {
                 let kind = match plan.scenario {
                     Scenario::Broadcast => Kind::Broadcast,
@@ -1148,18 +1224,7 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
                     Kind::Device => o.duration + 60.0,
                     _ => o.count as f64 * (30.0 + o.interval_ms as f64 / 1000.0),
                 };
-                let w = fleet
-                    .wait_for(
-                        |_| handle.is_finished(),
-                        Instant::now() + Duration::from_secs_f64(send_limit),
-                        &stop,
-                    )
-                    .await;
-                if w == Wait::Timeout {
-                    handle.abort();
-                    res.errors.push("sending did not finish in time".into());
-                }
-                let sent = handle.await.unwrap_or_default();
+                let sent = finish_sending(&mut fleet, handle, send_limit, &stop, &mut res).await;
                 let owed: u64 = match kind {
                     Kind::Device => sent.owed.len() as u64,
                     _ => sent.expected_k.iter().sum(),
@@ -1179,22 +1244,10 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
             Scenario::Redeliver => {
                 let c0 = live_cpu.unwrap_or_else(|| client_cpu(&fleet));
                 let (mut r, t0_us) = redeliver.take().unwrap_or_default();
-                let handle = live.take();
-                let w = fleet
-                    .wait_for(
-                        |_| handle.as_ref().is_none_or(|h| h.is_finished()),
-                        Instant::now() + Duration::from_secs_f64(o.duration + 60.0),
-                        &stop,
-                    )
-                    .await;
-                if w == Wait::Timeout {
-                    if let Some(h) = &handle {
-                        h.abort();
+                let sent = match live.take() {
+                    Some(h) => {
+                        finish_sending(&mut fleet, h, o.duration + 60.0, &stop, &mut res).await
                     }
-                    res.errors.push("sending did not finish in time".into());
-                }
-                let sent = match handle {
-                    Some(h) => h.await.unwrap_or_default(),
                     None => SendLog::default(),
                 };
                 let owed = sent.owed.len() as u64;
@@ -1424,6 +1477,12 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
             let n = d.unique + res.redeliver.as_ref().map_or(0, |r| r.redelivered);
             if n > 0 && b.cpu_ms > a.cpu_ms {
                 gs.cpu_ms_per_1000_deliveries = Some((b.cpu_ms - a.cpu_ms) / n as f64 * 1000.0);
+            }
+        }
+        if let (Kind::Device, Some(a), Some(b)) = (kind, gs.before_send, gs.after_send) {
+            if d.accepted > 0 && b.write_bytes > a.write_bytes {
+                gs.write_bytes_per_message =
+                    Some((b.write_bytes - a.write_bytes) as f64 / d.accepted as f64);
             }
         }
         if let Some((a, b)) = phase_cpu {

@@ -471,6 +471,65 @@ async fn pushgate_device() {
     assert_gateway_measured(&r);
 }
 
+/// `--offline`: every push is stored while no device is connected, and
+/// every accepted one arrives after they connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushgate_device_offline() {
+    let r = bench(
+        "device",
+        300,
+        &[
+            "--store",
+            "redb",
+            "--offline",
+            "--rate",
+            "1000",
+            "--duration",
+            "2",
+            "--batch",
+            "10",
+        ],
+    )
+    .await;
+    assert_clean(&r, 300);
+    let d = &r.json["deliveries"][0];
+    assert_eq!(u(&d["accepted"]), 2000, "{}", r.out);
+    assert_eq!(u(&d["gateway_stored"]), 2000, "{}", r.out);
+    // Nobody was connected while the pushes were accepted.
+    assert_eq!(u(&d["gateway_online"]), 0, "{}", r.out);
+    assert_eq!(u(&d["unique"]), 2000, "{}", r.out);
+    assert!(
+        r.json["gateway"]["write_bytes_per_message"]
+            .as_f64()
+            .is_some(),
+        "{}",
+        r.out
+    );
+    assert_gateway_measured(&r);
+}
+
+#[tokio::test]
+async fn offline_needs_a_stored_device_push() {
+    for (extra, why) in [
+        (
+            &["topic", "--offline"][..],
+            "only applies to the device scenario",
+        ),
+        (&["device", "--offline", "--ttl", "0"][..], "needs ttl > 0"),
+        (
+            &["device", "--offline", "--rate", "1000", "--duration", "10"][..],
+            "max_pending",
+        ),
+    ] {
+        let mut a: Vec<String> = vec!["run".into()];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a.extend(["-n", "10", "--secret", "s", "--api-key", "k"].map(String::from));
+        let r = run(&a).await;
+        assert_eq!(r.code, 1, "{extra:?}: {}\n{}", r.out, r.err);
+        assert!(r.err.contains(why), "{extra:?}: {}", r.err);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushgate_topic() {
     let r = bench("topic", 200, &["--topics", "4", "--count", "8"]).await;
