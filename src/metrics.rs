@@ -203,6 +203,17 @@ impl Metrics {
         })
     }
 
+    /// Registers metrics kept by another part (the store's).
+    pub fn register(
+        &self,
+        collectors: Vec<Box<dyn prometheus::core::Collector>>,
+    ) -> Result<(), prometheus::Error> {
+        for c in collectors {
+            self.registry.register(c)?;
+        }
+        Ok(())
+    }
+
     pub fn accepted(&self, kind: MsgKind) -> &IntCounter {
         &self.accepted[kind_index(kind)]
     }

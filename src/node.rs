@@ -247,6 +247,7 @@ impl Node {
             .collect();
         let labels: Vec<&str> = app_ids.iter().map(|a| &**a).collect();
         let metrics = Arc::new(Metrics::new(&labels)?);
+        metrics.register(store.collectors())?;
         metrics.pending.set(store.pending_total() as i64);
         let hub = Arc::new(Hub::new(
             config

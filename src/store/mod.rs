@@ -186,6 +186,12 @@ pub trait Store: Send + Sync + 'static {
     /// Pending messages over all devices (the `pushgate_pending_messages` gauge).
     fn pending_total(&self) -> u64;
 
+    /// The store's own Prometheus metrics, for the gateway to register
+    /// (none by default).
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        Vec::new()
+    }
+
     /// Make everything written so far durable (shutdown).
     async fn flush(&self) -> Result<(), StoreError>;
 

@@ -169,6 +169,40 @@ struct Shared {
     acks: Mutex<AckQueue>,
     /// Messages removed by acks since open.
     acked_total: AtomicU64,
+    /// Wall time of each write transaction, from its first change to the
+    /// end of its commit (fsync included when durable).
+    commit_seconds: prometheus::Histogram,
+    /// Messages stored per transaction that stores any.
+    commit_messages: prometheus::Histogram,
+}
+
+/// The two commit histograms (unregistered: the gateway registers them).
+fn commit_histograms() -> Result<(prometheus::Histogram, prometheus::Histogram), StoreError> {
+    use prometheus::{Histogram, HistogramOpts};
+    let seconds = Histogram::with_opts(
+        HistogramOpts::new(
+            "pushgate_store_commit_seconds",
+            "Wall time of one store write transaction: applying it and committing (fsync included).",
+        )
+        .buckets(vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ]),
+    );
+    let messages = Histogram::with_opts(
+        HistogramOpts::new(
+            "pushgate_store_commit_messages",
+            "Messages stored per store write transaction that stores any (group commit size).",
+        )
+        .buckets(vec![
+            1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+        ]),
+    );
+    match (seconds, messages) {
+        (Ok(s), Ok(m)) => Ok((s, m)),
+        (Err(e), _) | (_, Err(e)) => Err(StoreError::Unavailable(format!(
+            "cannot create the store's metrics: {e}"
+        ))),
+    }
 }
 
 /// Highest queued ack per app, then device.
@@ -315,6 +349,7 @@ impl RedbStore {
         commit_max_wait_us: u64,
     ) -> Result<RedbStore, StoreError> {
         let pending_total = init_tables(&db, &label)?;
+        let (commit_seconds, commit_messages) = commit_histograms()?;
         let db = Arc::new(db);
         let shared = Arc::new(Shared {
             db: RwLock::new(Some(db.clone())),
@@ -323,6 +358,8 @@ impl RedbStore {
             released: AtomicBool::new(false),
             acks: Mutex::new(HashMap::new()),
             acked_total: AtomicU64::new(0),
+            commit_seconds,
+            commit_messages,
         });
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -925,11 +962,19 @@ impl Writer {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
+        let started = Instant::now();
         let applied = apply_all(&txn, acks, batch, &mut effects);
         match applied {
             Ok((answers, left)) => {
                 txn.commit()?;
                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .commit_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                let stored: u64 = batch.iter().map(|r| r.op.stores()).sum();
+                if stored > 0 {
+                    self.shared.commit_messages.observe(stored as f64);
+                }
                 Ok((answers, effects, left))
             }
             Err(e) => {
@@ -1646,6 +1691,13 @@ impl Store for RedbStore {
         }))
     }
 
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.shared.commit_seconds.clone()),
+            Box::new(self.shared.commit_messages.clone()),
+        ]
+    }
+
     fn pending_total(&self) -> u64 {
         self.shared.pending_total.load(Ordering::Relaxed)
     }
@@ -2065,6 +2117,30 @@ mod tests {
         assert_eq!(got, (1..=64).collect::<Vec<u64>>());
         assert_eq!(s.commits() - before, 1);
         assert_eq!(s.pending_total(), 64);
+        // The commit histograms saw that one transaction of 64 messages.
+        let (seconds, messages) = commit_histogram_readings(&*s);
+        assert_eq!(seconds.0, s.commits());
+        assert!(seconds.1 > 0.0);
+        assert_eq!(messages, (1, 64.0));
+    }
+
+    /// (count, sum) of `pushgate_store_commit_seconds` and of
+    /// `pushgate_store_commit_messages`, from the store's collectors.
+    fn commit_histogram_readings(s: &dyn Store) -> ((u64, f64), (u64, f64)) {
+        let mut seconds = None;
+        let mut messages = None;
+        for c in s.collectors() {
+            for family in c.collect() {
+                let h = family.get_metric()[0].get_histogram();
+                let reading = (h.get_sample_count(), h.get_sample_sum());
+                match family.name() {
+                    "pushgate_store_commit_seconds" => seconds = Some(reading),
+                    "pushgate_store_commit_messages" => messages = Some(reading),
+                    other => panic!("unexpected metric {other}"),
+                }
+            }
+        }
+        (seconds.expect("seconds"), messages.expect("messages"))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

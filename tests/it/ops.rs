@@ -40,6 +40,8 @@ async fn metrics_move() {
     assert!(metric(&m, "pushgate_delivery_seconds_count") >= 2.0);
     assert!(metric(&m, "process_open_fds") > 0.0);
     assert!(metric(&m, "process_resident_memory_bytes") > 0.0);
+    // The memory store has no commits to time.
+    assert!(!m.contains("pushgate_store_commit"), "{m}");
     d.close().await;
     gw.until("closed", |n| n.hub.live() == 0).await;
     let m = gw.metrics().await;
@@ -48,6 +50,30 @@ async fn metrics_move() {
         metric(&m, "pushgate_connections_closed_total{reason=\"remote\"}"),
         1.0
     );
+}
+
+/// The redb store's group commits are timed and sized on /metrics.
+#[tokio::test]
+async fn store_commit_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store").display().to_string();
+    let gw = Gateway::with(|t| {
+        t.replace(
+            "kind = \"memory\"",
+            &format!("kind = \"redb\"\npath = \"{store}\""),
+        )
+    })
+    .await;
+    gw.push(json!({"to": {"device": "d1"}, "data": 1})).await;
+    gw.push(json!({"to": {"devices": ["d1", "d2"]}, "data": 2}))
+        .await;
+    let m = gw.metrics().await;
+    // Three (message, device) pairs stored, in one or two commits.
+    assert_eq!(metric(&m, "pushgate_store_commit_messages_sum"), 3.0, "{m}");
+    let commits = metric(&m, "pushgate_store_commit_messages_count");
+    assert!((1.0..=2.0).contains(&commits), "{m}");
+    assert!(metric(&m, "pushgate_store_commit_seconds_count") >= commits);
+    assert!(metric(&m, "pushgate_store_commit_seconds_sum") > 0.0);
 }
 
 #[tokio::test]
