@@ -1,8 +1,12 @@
 //! Store benches: what one append+ack costs in memory, how many messages/s
 //! the redb store takes with group commit under 64 concurrent appenders (one
-//! fsync shared by many), and what reading 100 pending messages costs.
+//! fsync shared by many), what one commit of 400 messages costs when they go
+//! to few devices or spread over many (and, on raw redb tables, what the same
+//! commit costs keyed by device or in arrival order), and what reading 100
+//! pending messages costs.
 //!
-//! `cargo bench --bench store`
+//! `cargo bench --bench store` (the spread benches first fill their stores:
+//! about half a minute each)
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -113,6 +117,186 @@ fn redb_group_commit(c: &mut Criterion) {
     group.finish();
 }
 
+/// Messages per commit in the spread benches: about what the store packs
+/// into one commit at 30–50k msgs/s.
+const COMMIT: usize = 400;
+/// Messages stored before the spread benches measure.
+const PREFILL: u64 = 200_000;
+
+/// Deterministic device numbers (xorshift64), the same every run.
+struct Picker(u64);
+
+impl Picker {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Bytes this process has dirtied for storage (`write_bytes` of
+/// /proc/self/io), 0 where unreadable.
+fn write_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("write_bytes:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Storage bytes written over a bench's measured iterations.
+#[derive(Default)]
+struct Written {
+    bytes: u64,
+    messages: u64,
+}
+
+impl Written {
+    /// Adds what was written since `before` (a `write_bytes()` reading).
+    fn add(&mut self, before: u64, messages: u64) {
+        self.bytes += write_bytes().saturating_sub(before);
+        self.messages += messages;
+    }
+
+    fn report(&self, what: &str) {
+        if self.messages > 0 {
+            eprintln!(
+                "  {what}: {:.0} bytes written per message ({} messages)",
+                self.bytes as f64 / self.messages as f64,
+                self.messages
+            );
+        }
+    }
+}
+
+/// One `append_many` of 400 messages (one request, one commit) to random
+/// devices among 64 or 10,000, on a store already holding 200k messages:
+/// with many devices every message lands in its own B-tree leaf.
+fn redb_spread(c: &mut Criterion) {
+    let rt = runtime(1);
+    let mut group = c.benchmark_group("redb commit of 400");
+    group.throughput(Throughput::Elements(COMMIT as u64));
+    group.sample_size(20);
+    for devices in [64u64, 10_000] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = RedbStore::open(dir.path(), 4096, 0).expect("open store");
+        let names: Vec<String> = (0..devices).map(|i| format!("dev{i}")).collect();
+        let mut pick = Picker(0x9E37_79B9_7F4A_7C15);
+        let mut n = 0u64;
+        let mut batch = |pick: &mut Picker| -> Vec<(Vec<&str>, NewMessage)> {
+            (0..COMMIT)
+                .map(|_| {
+                    n += 1;
+                    (
+                        vec![names[pick.next(devices) as usize].as_str()],
+                        message(n),
+                    )
+                })
+                .collect()
+        };
+        // No pending limit: nothing is dropped, so both runs do the same work.
+        let unlimited = u64::MAX;
+        rt.block_on(async {
+            for _ in 0..PREFILL / COMMIT as u64 {
+                let items = batch(&mut pick);
+                for r in store.append_many(APP, &items, unlimited).await {
+                    r.expect("append");
+                }
+            }
+        });
+        let mut written = Written::default();
+        group.bench_function(format!("append_many, {devices} devices"), |b| {
+            b.iter_custom(|iters| {
+                let before = write_bytes();
+                let mut elapsed = Duration::ZERO;
+                for _ in 0..iters {
+                    let items = batch(&mut pick);
+                    let start = Instant::now();
+                    for r in rt.block_on(store.append_many(APP, &items, unlimited)) {
+                        r.expect("append");
+                    }
+                    elapsed += start.elapsed();
+                }
+                written.add(before, iters * COMMIT as u64);
+                elapsed
+            })
+        });
+        written.report(&format!("{devices} devices"));
+    }
+    group.finish();
+}
+
+/// The same commit of 400 ~150-byte rows on raw redb tables holding 200k
+/// rows: keyed (app, device, seq) with devices spread over 10,000, as the
+/// store's `pending` table is, or keyed by arrival order (an append-only
+/// log). What a log layout would save the store's writer.
+fn redb_layout(c: &mut Criterion) {
+    use redb::{Database, Durability, TableDefinition};
+    const BY_DEVICE: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("by_device");
+    const BY_ARRIVAL: TableDefinition<u64, &[u8]> = TableDefinition::new("by_arrival");
+    const DEVICES: u64 = 10_000;
+    let value = [7u8; 150];
+    let names: Vec<String> = (0..DEVICES).map(|i| format!("dev{i}")).collect();
+    let mut group = c.benchmark_group("redb layout, commit of 400");
+    group.throughput(Throughput::Elements(COMMIT as u64));
+    group.sample_size(20);
+    for by_device in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Database::create(dir.path().join("layout.redb")).expect("create");
+        let mut pick = Picker(0x9E37_79B9_7F4A_7C15);
+        let mut seqs = vec![0u64; DEVICES as usize];
+        let mut arrival = 0u64;
+        let mut commit = |rows: usize, durability: Durability, pick: &mut Picker| {
+            let mut txn = db.begin_write().expect("begin");
+            txn.set_durability(durability).expect("durability");
+            if by_device {
+                let mut t = txn.open_table(BY_DEVICE).expect("table");
+                for _ in 0..rows {
+                    let d = pick.next(DEVICES) as usize;
+                    seqs[d] += 1;
+                    t.insert((APP, names[d].as_str(), seqs[d]), &value[..])
+                        .expect("insert");
+                }
+            } else {
+                let mut t = txn.open_table(BY_ARRIVAL).expect("table");
+                for _ in 0..rows {
+                    arrival += 1;
+                    t.insert(arrival, &value[..]).expect("insert");
+                }
+            }
+            txn.commit().expect("commit");
+        };
+        for _ in 0..PREFILL / 10_000 {
+            commit(10_000, Durability::None, &mut pick);
+        }
+        commit(0, Durability::Immediate, &mut pick);
+        let name = if by_device {
+            "keyed (app, device, seq), 10k devices"
+        } else {
+            "keyed by arrival (log)"
+        };
+        let mut written = Written::default();
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let before = write_bytes();
+                let start = Instant::now();
+                for _ in 0..iters {
+                    commit(COMMIT, Durability::Immediate, &mut pick);
+                }
+                let elapsed = start.elapsed();
+                written.add(before, iters * COMMIT as u64);
+                elapsed
+            })
+        });
+        written.report(name);
+    }
+    group.finish();
+}
+
 fn pending_100(c: &mut Criterion) {
     let rt = runtime(1);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -153,5 +337,12 @@ fn pending_100(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, memory_append_ack, redb_group_commit, pending_100);
+criterion_group!(
+    benches,
+    memory_append_ack,
+    redb_group_commit,
+    redb_spread,
+    redb_layout,
+    pending_100
+);
 criterion_main!(benches);
