@@ -178,31 +178,24 @@ struct Shared {
 
 /// The two commit histograms (unregistered: the gateway registers them).
 fn commit_histograms() -> Result<(prometheus::Histogram, prometheus::Histogram), StoreError> {
-    use prometheus::{Histogram, HistogramOpts};
-    let seconds = Histogram::with_opts(
-        HistogramOpts::new(
+    let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+        prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(name, help).buckets(buckets),
+        )
+        .map_err(|e| StoreError::Unavailable(format!("cannot create {name}: {e}")))
+    };
+    Ok((
+        histogram(
             "pushgate_store_commit_seconds",
             "Wall time of one store write transaction: applying it and committing (fsync included).",
-        )
-        .buckets(vec![
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-        ]),
-    );
-    let messages = Histogram::with_opts(
-        HistogramOpts::new(
+            vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
+        )?,
+        histogram(
             "pushgate_store_commit_messages",
             "Messages stored per store write transaction that stores any (group commit size).",
-        )
-        .buckets(vec![
-            1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
-        ]),
-    );
-    match (seconds, messages) {
-        (Ok(s), Ok(m)) => Ok((s, m)),
-        (Err(e), _) | (_, Err(e)) => Err(StoreError::Unavailable(format!(
-            "cannot create the store's metrics: {e}"
-        ))),
-    }
+            vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0],
+        )?,
+    ))
 }
 
 /// Highest queued ack per app, then device.
