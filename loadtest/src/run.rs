@@ -170,6 +170,21 @@ impl Plan {
                     if o.ttl == 0 {
                         bail!("--ttl 0 is never stored: --offline needs ttl > 0");
                     }
+                    // The first message waits for the pushes, the connect
+                    // ramp and the drain before its device can take it.
+                    let ramp_secs = if o.ramp > 0.0 {
+                        o.connections as f64 / o.ramp
+                    } else {
+                        0.0
+                    };
+                    let wait = o.duration + ramp_secs + o.drain_timeout + 30.0;
+                    if (o.ttl as f64) < wait {
+                        bail!(
+                            "--offline: --ttl {} would expire messages before their device connects; \
+                             give at least {wait:.0} (--duration + the connect ramp + --drain-timeout + 30 s)",
+                            o.ttl
+                        );
+                    }
                     if o.rate * o.duration > (o.connections * MAX_OFFLINE_MEAN) as f64 {
                         // Random targets: a mean of 50 keeps every device
                         // well under the default max_pending of 100.
@@ -1479,7 +1494,9 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
                 gs.cpu_ms_per_1000_deliveries = Some((b.cpu_ms - a.cpu_ms) / n as f64 * 1000.0);
             }
         }
-        if let (Kind::Device, Some(a), Some(b)) = (kind, gs.before_send, gs.after_send) {
+        // Redeliver's window also holds the backlog's removal on ack.
+        let storing = plan.scenario == Scenario::Device;
+        if let (true, Some(a), Some(b)) = (storing, gs.before_send, gs.after_send) {
             if d.accepted > 0 && b.write_bytes > a.write_bytes {
                 gs.write_bytes_per_message =
                     Some((b.write_bytes - a.write_bytes) as f64 / d.accepted as f64);
@@ -1493,7 +1510,14 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
         }
         res.deliveries.push(d);
     }
-    if let (Some(b), Some(c)) = (gs.before, gs.connected) {
+    // Messages stored before the connects (offline, redeliver) are not
+    // the connections' memory: measure from after they were stored.
+    let conn_base = match plan.scenario {
+        Scenario::Device if o.offline => gs.after_send,
+        Scenario::Redeliver => gs.before_send,
+        _ => gs.before,
+    };
+    if let (Some(b), Some(c)) = (conn_base, gs.connected) {
         if up_connected > 0 {
             gs.bytes_per_conn =
                 Some((c.rss_bytes as f64 - b.rss_bytes as f64) / up_connected as f64);
