@@ -184,9 +184,33 @@ impl FrameRefusal {
     }
 }
 
+/// An ack exactly as devices send it: `{"t":"ack","seq":N}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckFrame<'a> {
+    t: &'a str,
+    seq: u64,
+}
+
 /// Parse a device text frame (one JSON parse). Topic names are checked for
 /// validity here (`bad_frame`); permissions are the caller's business.
 pub fn parse_device_frame(text: &str) -> Result<DeviceFrame, FrameRefusal> {
+    // A device acks every message it gets: an ack in the form devices send
+    // is parsed typed and borrowed. Anything this does not take exactly
+    // (other fields, a duplicate key, a seq that is no u64) goes the
+    // `Value` way, which answers the same for what this takes and names
+    // every refusal. The prefix check keeps other frames from paying for a
+    // failed typed parse (its error is built with a message).
+    if text.starts_with(r#"{"t":"ack","#) {
+        if let Ok(AckFrame { t: "ack", seq }) = serde_json::from_str(text) {
+            return Ok(DeviceFrame::Ack { seq });
+        }
+    }
+    parse_device_frame_value(text)
+}
+
+/// Every device frame, through a `serde_json::Value`.
+fn parse_device_frame_value(text: &str) -> Result<DeviceFrame, FrameRefusal> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| FrameRefusal::bad(format!("invalid JSON: {e}")))?;
     let Some(obj) = value.as_object() else {
@@ -241,7 +265,7 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 /// Append `s` as a JSON string literal (quotes included).
-fn push_json_str(out: &mut String, s: &str) {
+pub fn push_json_str(out: &mut String, s: &str) {
     // Escaped in place: this runs for every frame encoded, and going
     // through a serde_json::Value cost two allocations per string. The
     // output is what serde_json writes (checked in the tests).
@@ -509,6 +533,46 @@ mod tests {
         assert_eq!(code(r#"{"t":"sub","topic":"a b"}"#), FrameError::BadFrame);
         assert_eq!(code(r#"{"t":"sub","topic":7}"#), FrameError::BadFrame);
         assert_eq!(code(r#"{"t":"hello"}"#), FrameError::UnknownType);
+    }
+
+    /// The typed ack path answers exactly what the `Value` path answers,
+    /// for acks as devices send them and for everything near them.
+    #[test]
+    fn typed_ack_path_agrees_with_the_value_path() {
+        let inputs = [
+            r#"{"t":"ack","seq":7}"#,
+            r#"{"t":"ack","seq":0}"#,
+            r#"{"seq":7,"t":"ack"}"#,
+            r#" { "t" : "ack" , "seq" : 18446744073709551615 } "#,
+            r#"{"t":"ack","seq":18446744073709551616}"#,
+            r#"{"t":"ack","seq":7,"x":1}"#,
+            r#"{"t":"ack","seq":7,"seq":8}"#,
+            r#"{"t":"ack","t":"sub","seq":7}"#,
+            r#"{"t":"ack","seq":7}"#,
+            r#"{"t":"ack","seq":7.0}"#,
+            r#"{"t":"ack","seq":7e0}"#,
+            r#"{"t":"ack","seq":-7}"#,
+            r#"{"t":"ack","seq":null}"#,
+            r#"{"t":"ack","seq":"7"}"#,
+            r#"{"t":"ack"}"#,
+            r#"{"t":"ACK","seq":7}"#,
+            r#"{"t":"ack","seq":7} x"#,
+            r#"{"t":"ack","seq":7"#,
+            r#"[{"t":"ack","seq":7}]"#,
+            r#"{"t":"sub","topic":"news","seq":7}"#,
+            "",
+        ];
+        for input in inputs {
+            assert_eq!(
+                parse_device_frame(input),
+                parse_device_frame_value(input),
+                "{input}"
+            );
+        }
+        for seq in [1u64, 9, 10, 99, 1 << 32, u64::MAX - 1] {
+            let input = format!(r#"{{"t":"ack","seq":{seq}}}"#);
+            assert_eq!(parse_device_frame(&input), Ok(DeviceFrame::Ack { seq }));
+        }
     }
 
     #[test]

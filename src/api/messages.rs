@@ -22,7 +22,7 @@ use super::error::ApiError;
 use super::{parse_json, read_json_bytes, ApiState, Caller};
 use crate::config::MessagesConfig;
 use crate::dispatch::{Accepted, Outgoing, Target};
-use crate::protocol::{compact_json, valid_device_id, valid_topic};
+use crate::protocol::{compact_json, push_json_str, valid_device_id, valid_topic};
 
 mod fast;
 
@@ -363,10 +363,6 @@ fn push_error(out: &mut String, e: &ApiError) {
     out.push_str("{\"error\":");
     out.push_str(&e.to_json().to_string());
     out.push('}');
-}
-
-fn push_json_str(out: &mut String, s: &str) {
-    out.push_str(&Value::from(s).to_string());
 }
 
 /// A JSON answer written as text (no `Value` built for it).
