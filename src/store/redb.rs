@@ -956,7 +956,8 @@ impl Writer {
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
         let started = Instant::now();
-        let applied = apply_all(&txn, acks, batch, &mut effects);
+        let stores: u64 = batch.iter().map(|r| r.op.stores()).sum();
+        let applied = apply_all(&txn, acks, batch, stores, &mut effects);
         match applied {
             Ok((answers, left)) => {
                 txn.commit()?;
@@ -967,9 +968,8 @@ impl Writer {
                     self.shared
                         .commit_seconds
                         .observe(started.elapsed().as_secs_f64());
-                    let stored: u64 = batch.iter().map(|r| r.op.stores()).sum();
-                    if stored > 0 {
-                        self.shared.commit_messages.observe(stored as f64);
+                    if stores > 0 {
+                        self.shared.commit_messages.observe(stores as f64);
                     }
                 }
                 Ok((answers, effects, left))
@@ -983,8 +983,8 @@ impl Writer {
     }
 }
 
-/// Applies queued acks (up to [`ACK_BUDGET`] plus two per message stored),
-/// then the batch, in one
+/// Applies queued acks (up to [`ACK_BUDGET`] plus two per message the batch
+/// stores: `stores`), then the batch, in one
 /// transaction; returns the answers and the acks left for later. The acks
 /// may go first: a device acks only seqs it was sent, which are committed,
 /// and every append in the batch gets a higher seq.
@@ -992,10 +992,11 @@ fn apply_all(
     txn: &WriteTransaction,
     acks: AckQueue,
     batch: &[Request],
+    stores: u64,
     fx: &mut Effects,
 ) -> Result<(Vec<Answer>, AckQueue), redb::Error> {
     let mut t = Tables::open(txn)?;
-    let budget = ACK_BUDGET + 2 * batch.iter().map(|r| r.op.stores()).sum::<u64>();
+    let budget = ACK_BUDGET + 2 * stores;
     let mut spent = 0;
     let mut left = AckQueue::new();
     for (app, devices) in acks {
