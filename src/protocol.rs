@@ -548,7 +548,7 @@ mod tests {
             r#"{"t":"ack","seq":7,"x":1}"#,
             r#"{"t":"ack","seq":7,"seq":8}"#,
             r#"{"t":"ack","t":"sub","seq":7}"#,
-            r#"{"t":"ack","seq":7}"#,
+            r#"{"t":"a\u0063k","seq":7}"#,
             r#"{"t":"ack","seq":7.0}"#,
             r#"{"t":"ack","seq":7e0}"#,
             r#"{"t":"ack","seq":-7}"#,
