@@ -265,6 +265,18 @@ pub struct LoadOpts {
     pub time_limit: f64,
 }
 
+impl LoadOpts {
+    /// Seconds the connect ramp asks for (0 with `--ramp 0`: as fast as
+    /// the handshake concurrency allows).
+    pub fn ramp_secs(&self) -> f64 {
+        if self.ramp > 0.0 {
+            self.connections as f64 / self.ramp
+        } else {
+            0.0
+        }
+    }
+}
+
 /// Options of `bench` only: how to start the gateway.
 #[derive(Debug, Clone, Args)]
 pub struct BenchOpts {

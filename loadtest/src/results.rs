@@ -276,7 +276,7 @@ pub struct GatewayStats {
     pub cpu_ms_per_1000_deliveries: Option<f64>,
     /// Gateway CPU from before connecting to the end.
     pub cpu_ms_total: Option<f64>,
-    /// Device scenarios: bytes the gateway wrote to storage over the
+    /// The device scenario: bytes the gateway wrote to storage over the
     /// sending phase per accepted message (the store's write amplification;
     /// with devices online it includes removing acked messages).
     pub write_bytes_per_message: Option<f64>,

@@ -172,12 +172,7 @@ impl Plan {
                     }
                     // The first message waits for the pushes, the connect
                     // ramp and the drain before its device can take it.
-                    let ramp_secs = if o.ramp > 0.0 {
-                        o.connections as f64 / o.ramp
-                    } else {
-                        0.0
-                    };
-                    let wait = o.duration + ramp_secs + o.drain_timeout + 30.0;
+                    let wait = o.duration + o.ramp_secs() + o.drain_timeout + 30.0;
                     if (o.ttl as f64) < wait {
                         bail!(
                             "--offline: --ttl {} would expire messages before their device connects; \
@@ -1154,11 +1149,7 @@ pub async fn execute(plan: Plan, mut gw: Option<&mut Gateway>) -> Result<Results
     if ok {
         fleet.send(&Cmd::Connect).await;
         let per_worker = plan.shares.iter().map(|s| s.1).max().unwrap_or(0) as f64;
-        let ramp_secs = if o.ramp > 0.0 {
-            o.connections as f64 / o.ramp
-        } else {
-            0.0
-        };
+        let ramp_secs = o.ramp_secs();
         let conc = o.concurrency as f64;
         let worst = ramp_secs * 2.0
             + (per_worker / conc).ceil() * o.connect_timeout * f64::from(o.retries + 1)
