@@ -1,41 +1,42 @@
 //! Durable [`Store`] on redb: one database file in the data directory and one
 //! writer thread that group-commits, so that many concurrent appends share
-//! one fsync. Reads run inline in their own read transactions (MVCC: they
-//! never wait for the writer).
+//! one fsync. Reads run inline (MVCC: they never wait for the writer).
 //!
-//! Tables (keys are redb tuples, compared element by element, so each
-//! device's rows are one contiguous range in seq order):
+//! The file is a log in arrival order plus a row per device:
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `meta` | name | u64 (`schema`: the layout version, 2) |
-//! | `devices_v2` | (app, device) | (next_seq, dropped, stored, sessions, first_seen_ms, last_seen_ms, bucket, bucket_min_ms) |
-//! | `pending` | (app, device, seq) | (id, data, created_ms, expires_ms, collapse_key) |
-//! | `expiry_buckets` | (expires_ms / 60000, app, device) | earliest expires_ms in it |
-//! | `collapse` | (app, device, collapse_key) | seq |
+//! | `meta` | name | u64 (`schema`: the layout version, 3) |
+//! | `log` | arrival number | (app, device, seq, id, data, created_ms, expires_ms, collapse_key) |
+//! | `devices_v3` | (app, device) | (next_seq, dropped, sessions, first_seen_ms, last_seen_ms) |
 //!
-//! A `devices_v2` row is never deleted, so seqs are never reused; `stored`
-//! counts the device's `pending` rows so the pending limit needs no count.
+//! Every stored (message, device) pair is one `log` row, appended at the
+//! end: a commit of hundreds of messages writes a few contiguous pages.
+//! Keyed by (app, device, seq), as schema 2 did, each message dirtied its
+//! own 4 KiB leaf: 4–9 KB written per ~150-byte message and one writer
+//! thread saturated at ~43k msgs/s (BENCHMARKS.md, issue 5). An ack or any
+//! other removal deletes the row where it is: cheap for messages acked soon
+//! after they were stored (they are near the end), one random page for a
+//! backlog redelivered later.
 //!
-//! Expiry is indexed per (minute, device), not per message: a device's
-//! bucket for a minute says it may have messages whose deadline falls in
-//! that minute, none before the bucket's value. An append touches the
-//! bucket of its deadline only if the device row (`bucket`,
-//! `bucket_min_ms`: the last bucket it added, and that bucket's value)
-//! does not already cover it, so under steady load a device costs one
-//! bucket insert per minute, not one index entry per message; an ack or
-//! any other removal leaves buckets alone. `expire` reads the buckets
-//! whose minute has begun and whose value has passed, removes the expired
-//! rows of each of their devices (one range pass per device), deletes the
-//! buckets whose minute is over and raises the value of the one still
-//! running. The per-message index of schema 1 (table `expiry`) cost a
-//! B-tree insert per append and a removal per acked message.
+//! What finds a device's messages is the in-memory [`index`]: per device its
+//! seq counter and the log keys of its messages in seq order, plus the
+//! expiry buckets (per device and minute, not per message). It is rebuilt
+//! by one pass over the log when the file is opened. Readers see only what
+//! is committed (see the index's module doc).
 //!
-//! A schema-1 file (tables `devices` and `expiry`) is migrated when opened:
-//! its device rows are copied with no bucket noted and its index entries
-//! become buckets, in the one transaction that then records schema 2.
-//! Opening a file of schema 2 with a build of schema 1 is refused (the
-//! table layout version is checked first).
+//! A device row is written only when something it holds must survive a
+//! restart and the log cannot tell: the dropped count, the session fields,
+//! and `next_seq` once a removal took the device's newest message (seqs are
+//! recovered as the greater of the row's `next_seq` and the newest logged
+//! seq + 1, so a plain append writes no row). A device with nothing stored
+//! and its row up to date leaves memory; its row brings it back.
+//!
+//! Older files are migrated when opened, in the one transaction that then
+//! records schema 3: schema 1 (tables `devices` and `expiry`) to 2, and
+//! schema 2 (`pending`, `devices_v2`, `expiry_buckets`, `collapse`) to the
+//! log, each device's rows in seq order. A file of a later schema is
+//! refused as corrupt.
 //!
 //! Group commit: every write goes to the writer thread over a channel with a
 //! oneshot for the answer. The writer takes the first queued request, then
@@ -60,28 +61,31 @@
 //! `commit_max_batch`.
 //!
 //! After a failed write redb refuses every write until the file is reopened;
-//! the writer reopens it before the next batch (at most once a second), so a
-//! passing fault such as a full disk heals without restarting the gateway.
-//! Until then every write answers [`StoreError::Unavailable`].
+//! the writer reopens it (and rebuilds the index from it) before the next
+//! batch, at most once a second, so a passing fault such as a full disk
+//! heals without restarting the gateway. Until then every write answers
+//! [`StoreError::Unavailable`].
 //!
 //! Rules the trait leaves open are decided as in `memory` (see its module doc).
 
+mod index;
+
 use std::collections::HashMap;
-use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use redb::{
-    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    StorageError, Table, TableDefinition, WriteTransaction,
+    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, StorageError, Table,
+    TableDefinition, WriteTransaction,
 };
 use tokio::sync::oneshot;
 
+use self::index::{note_deadline, Dev, DevId, DeviceRow, Index, BUCKET_MS};
 use super::{
     AppendOutcome, DeviceRecord, ExpireOutcome, NewMessage, Store, StoreError, StoredMessage,
 };
@@ -92,15 +96,9 @@ pub const DB_FILE: &str = "pushgate.redb";
 /// Least time between two attempts to reopen the file after a failed write.
 const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Version of the table layout. A file of version 1 is migrated; any other
-/// is refused as corrupt.
-const SCHEMA: u64 = 2;
-
-/// Width of an expiry bucket, in ms.
-const BUCKET_MS: u64 = 60_000;
-
-/// `bucket` of a device row that notes no bucket.
-const NO_BUCKET: u64 = u64::MAX;
+/// Version of the table layout. Files of versions 1 and 2 are migrated;
+/// any other is refused as corrupt.
+const SCHEMA: u64 = 3;
 
 /// How long non-durable commits (acks, sessions) may wait for an fsync when
 /// the writer has nothing else to do.
@@ -122,22 +120,35 @@ const ACK_DELAY: Duration = Duration::from_millis(20);
 const ACK_BUDGET: u64 = 1024;
 
 type DeviceKey = (&'static str, &'static str);
-/// (next_seq, dropped, stored, sessions, first_seen_ms, last_seen_ms,
-/// bucket, bucket_min_ms)
-type DeviceValue = (u64, u64, u64, u64, u64, u64, u64, u64);
-type PendingKey = (&'static str, &'static str, u64);
-/// (id, data, created_ms, expires_ms, collapse_key)
-type PendingValue = (&'static str, &'static [u8], u64, u64, Option<&'static str>);
-/// (expires_ms / BUCKET_MS, app, device)
-type BucketKey = (u64, &'static str, &'static str);
-type CollapseKey = (&'static str, &'static str, &'static str);
+/// (app, device, seq, id, data, created_ms, expires_ms, collapse_key)
+type LogValue = (
+    &'static str,
+    &'static str,
+    u64,
+    &'static str,
+    &'static [u8],
+    u64,
+    u64,
+    Option<&'static str>,
+);
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const DEVICES: TableDefinition<DeviceKey, DeviceValue> = TableDefinition::new("devices_v2");
-const PENDING: TableDefinition<PendingKey, PendingValue> = TableDefinition::new("pending");
-const BUCKETS: TableDefinition<BucketKey, u64> = TableDefinition::new("expiry_buckets");
-const COLLAPSE: TableDefinition<CollapseKey, u64> = TableDefinition::new("collapse");
+const LOG: TableDefinition<u64, LogValue> = TableDefinition::new("log");
+const DEVICES: TableDefinition<DeviceKey, DeviceRow> = TableDefinition::new("devices_v3");
 
+/// Schema 2's device rows: (next_seq, dropped, stored, sessions,
+/// first_seen_ms, last_seen_ms, bucket, bucket_min_ms).
+type DeviceRowV2 = (u64, u64, u64, u64, u64, u64, u64, u64);
+const DEVICES_V2: TableDefinition<DeviceKey, DeviceRowV2> = TableDefinition::new("devices_v2");
+/// Schema 2's (and 1's) message rows: (app, device, seq) -> (id, data,
+/// created_ms, expires_ms, collapse_key).
+type PendingKeyV2 = (&'static str, &'static str, u64);
+type PendingValueV2 = (&'static str, &'static [u8], u64, u64, Option<&'static str>);
+const PENDING_V2: TableDefinition<PendingKeyV2, PendingValueV2> = TableDefinition::new("pending");
+/// Schema 2's expiry buckets: (minute, app, device) -> earliest deadline.
+const BUCKETS_V2: TableDefinition<(u64, &str, &str), u64> = TableDefinition::new("expiry_buckets");
+/// Schema 2's (and 1's) collapse index: (app, device, key) -> seq.
+const COLLAPSE_V2: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("collapse");
 /// Schema 1's device rows: (next_seq, dropped, stored, sessions,
 /// first_seen_ms, last_seen_ms).
 const DEVICES_V1: TableDefinition<DeviceKey, (u64, u64, u64, u64, u64, u64)> =
@@ -158,7 +169,9 @@ struct Shared {
     /// The open database, for readers. `None` only while the writer reopens
     /// it after a failed write.
     db: RwLock<Option<Arc<Database>>>,
-    /// `pending` rows, expired ones not yet removed included.
+    /// Where each device's messages are, as committed (see [`index`]).
+    index: Mutex<Index>,
+    /// `log` rows, expired ones not yet removed included.
     pending_total: AtomicU64,
     /// Write transactions committed since open.
     commits: AtomicU64,
@@ -341,11 +354,13 @@ impl RedbStore {
         commit_max_batch: usize,
         commit_max_wait_us: u64,
     ) -> Result<RedbStore, StoreError> {
-        let pending_total = init_tables(&db, &label)?;
+        init_tables(&db, &label)?;
+        let (index, pending_total) = load_index(&db, &label, 0, 0)?;
         let (commit_seconds, commit_messages) = commit_histograms()?;
         let db = Arc::new(db);
         let shared = Arc::new(Shared {
             db: RwLock::new(Some(db.clone())),
+            index: Mutex::new(index),
             pending_total: AtomicU64::new(pending_total),
             commits: AtomicU64::new(0),
             released: AtomicBool::new(false),
@@ -428,7 +443,7 @@ impl RedbStore {
         let txn = self.db()?.begin_read().map_err(unavailable)?;
         let devices = txn.open_table(DEVICES).map_err(unavailable)?;
         let row = devices.get((app, device)).map_err(unavailable)?;
-        Ok(row.map_or(0, |v| DeviceRow::from_value(v.value()).dropped))
+        Ok(row.map_or(0, |v| v.value().1))
     }
 
     async fn count(&self, op: Op) -> Result<u64, StoreError> {
@@ -489,49 +504,59 @@ fn open_error(file: &Path, e: DatabaseError) -> StoreError {
     }
 }
 
-/// Creates the tables of a new file or checks those of an old one; returns
-/// the number of stored messages.
-fn init_tables(db: &Database, label: &str) -> Result<u64, StoreError> {
+impl Shared {
+    /// The index, also if a panic poisoned its lock (its data is rebuilt
+    /// from the file after any failed transaction anyway).
+    fn index(&self) -> MutexGuard<'_, Index> {
+        self.index
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Creates the tables of a new file, or checks those of an old one and
+/// migrates them to this schema.
+fn init_tables(db: &Database, label: &str) -> Result<(), StoreError> {
     let txn = db.begin_write().map_err(|e| init_error(label, e.into()))?;
-    let stored = (|| -> Result<Result<u64, u64>, redb::Error> {
+    let checked = (|| -> Result<Result<(), u64>, redb::Error> {
         {
             let mut meta = txn.open_table(META)?;
             let found = meta.get("schema")?.map(|v| v.value());
             match found {
-                None => {
-                    meta.insert("schema", SCHEMA)?;
-                }
+                None => {}
                 Some(1) => {
                     migrate_v1(&txn)?;
-                    meta.insert("schema", SCHEMA)?;
+                    migrate_v2(&txn)?;
                 }
+                Some(2) => migrate_v2(&txn)?,
                 Some(SCHEMA) => {}
                 Some(other) => return Ok(Err(other)),
             }
-            txn.open_table(DEVICES)?;
-            txn.open_table(BUCKETS)?;
-            txn.open_table(COLLAPSE)?;
+            if found != Some(SCHEMA) {
+                meta.insert("schema", SCHEMA)?;
+            }
         }
-        let stored = txn.open_table(PENDING)?.len()?;
-        Ok(Ok(stored))
+        txn.open_table(LOG)?;
+        txn.open_table(DEVICES)?;
+        Ok(Ok(()))
     })()
     .map_err(|e| init_error(label, e))?;
-    let stored = stored.map_err(|found| {
+    checked.map_err(|found| {
         StoreError::Corrupt(format!(
             "{label}: table layout version {found}, this build reads {SCHEMA}"
         ))
     })?;
     txn.commit().map_err(|e| init_error(label, e.into()))?;
-    Ok(stored)
+    Ok(())
 }
 
 /// Schema 1 to 2, inside the caller's transaction: device rows get a
-/// `bucket` field (none noted: the next append adds its bucket), index
-/// entries become buckets, and the old tables go.
+/// `bucket` field (none noted), index entries become buckets, and the old
+/// tables go.
 fn migrate_v1(txn: &WriteTransaction) -> Result<(), redb::Error> {
     {
         let old = txn.open_table(DEVICES_V1)?;
-        let mut devices = txn.open_table(DEVICES)?;
+        let mut devices = txn.open_table(DEVICES_V2)?;
         for entry in old.iter()? {
             let (key, value) = entry?;
             let (app, device) = key.value();
@@ -539,12 +564,19 @@ fn migrate_v1(txn: &WriteTransaction) -> Result<(), redb::Error> {
             devices.insert(
                 (app, device),
                 (
-                    next_seq, dropped, stored, sessions, first, last, NO_BUCKET, 0,
+                    next_seq,
+                    dropped,
+                    stored,
+                    sessions,
+                    first,
+                    last,
+                    u64::MAX,
+                    0,
                 ),
             )?;
         }
         let old = txn.open_table(EXPIRY_V1)?;
-        let mut buckets = txn.open_table(BUCKETS)?;
+        let mut buckets = txn.open_table(BUCKETS_V2)?;
         for entry in old.iter()? {
             let (key, _) = entry?;
             let (expires_ms, app, device, _) = key.value();
@@ -561,6 +593,96 @@ fn migrate_v1(txn: &WriteTransaction) -> Result<(), redb::Error> {
     Ok(())
 }
 
+/// Schema 2 to 3, inside the caller's transaction: every `pending` row
+/// goes to the log (in key order, so each device's in seq order), device
+/// rows lose their counters that the log now tells, and the per-device
+/// tables go (the expiry buckets and collapse keys are rebuilt in memory
+/// from the log).
+fn migrate_v2(txn: &WriteTransaction) -> Result<(), redb::Error> {
+    {
+        let old = txn.open_table(PENDING_V2)?;
+        let mut log = txn.open_table(LOG)?;
+        for (key, entry) in old.iter()?.enumerate() {
+            let (row, value) = entry?;
+            let (app, device, seq) = row.value();
+            let (id, data, created_ms, expires_ms, collapse_key) = value.value();
+            log.insert(
+                key as u64,
+                (
+                    app,
+                    device,
+                    seq,
+                    id,
+                    data,
+                    created_ms,
+                    expires_ms,
+                    collapse_key,
+                ),
+            )?;
+        }
+        let old = txn.open_table(DEVICES_V2)?;
+        let mut devices = txn.open_table(DEVICES)?;
+        for entry in old.iter()? {
+            let (key, value) = entry?;
+            let (app, device) = key.value();
+            let (next_seq, dropped, _, sessions, first, last, _, _) = value.value();
+            devices.insert((app, device), (next_seq, dropped, sessions, first, last))?;
+        }
+    }
+    txn.delete_table(PENDING_V2)?;
+    txn.delete_table(DEVICES_V2)?;
+    txn.delete_table(BUCKETS_V2)?;
+    txn.delete_table(COLLAPSE_V2)?;
+    Ok(())
+}
+
+/// Builds the index by one pass over the log; returns it with the number
+/// of stored messages. `committed` and `next_key` carry on from the index
+/// it replaces (0 on open): log keys must never be handed out twice while
+/// readers may hold one.
+fn load_index(
+    db: &Database,
+    label: &str,
+    committed: u64,
+    next_key: u64,
+) -> Result<(Index, u64), StoreError> {
+    let load = || -> Result<(Index, u64), redb::Error> {
+        let txn = db.begin_read()?;
+        let log = txn.open_table(LOG)?;
+        let rows = txn.open_table(DEVICES)?;
+        let mut ix = Index {
+            committed,
+            next_key,
+            ..Index::default()
+        };
+        let mut stored = 0;
+        for entry in log.iter()? {
+            let (key, value) = entry?;
+            let key = key.value();
+            let (app, device, seq, _, _, _, expires_ms, collapse_key) = value.value();
+            if ix.get(app, device).is_none() {
+                let row = rows.get((app, device))?.map(|v| v.value());
+                ix.insert(app, device, Dev::from_row(row));
+            }
+            let Index {
+                devices, buckets, ..
+            } = &mut ix;
+            let Some(dev) = devices.get_mut(app).and_then(|d| d.get_mut(device)) else {
+                continue;
+            };
+            dev.push(seq, key, expires_ms, 0);
+            if let Some(k) = collapse_key {
+                dev.collapse(k, seq);
+            }
+            note_deadline(buckets, app, device, dev, expires_ms);
+            ix.next_key = ix.next_key.max(key + 1);
+            stored += 1;
+        }
+        Ok((ix, stored))
+    };
+    load().map_err(|e| init_error(label, e))
+}
+
 fn init_error(label: &str, e: redb::Error) -> StoreError {
     match e {
         redb::Error::Io(_)
@@ -569,61 +691,6 @@ fn init_error(label: &str, e: redb::Error) -> StoreError {
         | redb::Error::DatabaseClosed => StoreError::Unavailable(format!("{label}: {e}")),
         // Tables of the wrong shape, corrupt pages: not a file we can use.
         e => StoreError::Corrupt(format!("{label}: {e}")),
-    }
-}
-
-/// One device's `devices` row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct DeviceRow {
-    next_seq: u64,
-    dropped: u64,
-    stored: u64,
-    sessions: u64,
-    first_seen_ms: u64,
-    last_seen_ms: u64,
-    /// The minute of the expiry bucket last added for the device and not
-    /// swept since (`NO_BUCKET`: none noted) ...
-    bucket: u64,
-    /// ... and that bucket's value.
-    bucket_min_ms: u64,
-}
-
-impl DeviceRow {
-    const NEW: DeviceRow = DeviceRow {
-        next_seq: 1,
-        dropped: 0,
-        stored: 0,
-        sessions: 0,
-        first_seen_ms: 0,
-        last_seen_ms: 0,
-        bucket: NO_BUCKET,
-        bucket_min_ms: 0,
-    };
-
-    fn from_value(v: DeviceValue) -> Self {
-        DeviceRow {
-            next_seq: v.0,
-            dropped: v.1,
-            stored: v.2,
-            sessions: v.3,
-            first_seen_ms: v.4,
-            last_seen_ms: v.5,
-            bucket: v.6,
-            bucket_min_ms: v.7,
-        }
-    }
-
-    fn value(&self) -> DeviceValue {
-        (
-            self.next_seq,
-            self.dropped,
-            self.stored,
-            self.sessions,
-            self.first_seen_ms,
-            self.last_seen_ms,
-            self.bucket,
-            self.bucket_min_ms,
-        )
     }
 }
 
@@ -915,8 +982,15 @@ impl Writer {
         self.close_db();
         let slot = &self.shared.db;
         let db = (self.reopen)()?;
-        let stored = init_tables(&db, &self.label)?;
-        // The failed commit may or may not have landed: count again.
+        init_tables(&db, &self.label)?;
+        // The failed commit may or may not have landed, and the index holds
+        // its changes: build it again from what is on disk.
+        let (committed, next_key) = {
+            let ix = self.shared.index();
+            (ix.committed, ix.next_key)
+        };
+        let (index, stored) = load_index(&db, &self.label, committed, next_key)?;
+        *self.shared.index() = index;
         self.shared.pending_total.store(stored, Ordering::Relaxed);
         let db = Arc::new(db);
         *slot
@@ -957,10 +1031,17 @@ impl Writer {
         );
         let started = Instant::now();
         let stores: u64 = batch.iter().map(|r| r.op.stores()).sum();
-        let applied = apply_all(&txn, acks, batch, stores, &mut effects);
+        let mut index = self.shared.index();
+        let number = index.committed + 1;
+        let applied = apply_all(&txn, &mut index, number, acks, batch, stores, &mut effects);
+        // Readers wait for the index only while the batch is applied, not
+        // while it commits: they do not see its changes until `committed`
+        // says so.
+        drop(index);
         match applied {
-            Ok((answers, left)) => {
+            Ok((answers, left, touched)) => {
                 txn.commit()?;
+                publish(&mut self.shared.index(), number, &touched);
                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
                 // Only the commits API calls wait for: the non-durable ones
                 // (acks, sessions) take microseconds and would hide them.
@@ -983,19 +1064,37 @@ impl Writer {
     }
 }
 
+/// After transaction `number` committed: readers may see it, and the
+/// devices it touched drop their removed entries (and leave memory if
+/// nothing is stored for them and their row is up to date).
+fn publish(ix: &mut Index, number: u64, touched: &[DevId]) {
+    ix.committed = number;
+    for (app, device) in touched {
+        let Some(dev) = ix.get_mut(app, device) else {
+            continue;
+        };
+        dev.compact();
+        if dev.evictable() {
+            ix.remove(app, device);
+        }
+    }
+}
+
 /// Applies queued acks (up to [`ACK_BUDGET`] plus two per message the batch
-/// stores: `stores`), then the batch, in one
-/// transaction; returns the answers and the acks left for later. The acks
-/// may go first: a device acks only seqs it was sent, which are committed,
-/// and every append in the batch gets a higher seq.
+/// stores: `stores`), then the batch, in one transaction numbered `number`;
+/// returns the answers, the acks left for later and the devices touched.
+/// The acks may go first: a device acks only seqs it was sent, which are
+/// committed, and every append in the batch gets a higher seq.
 fn apply_all(
     txn: &WriteTransaction,
+    ix: &mut Index,
+    number: u64,
     acks: AckQueue,
     batch: &[Request],
     stores: u64,
     fx: &mut Effects,
-) -> Result<(Vec<Answer>, AckQueue), redb::Error> {
-    let mut t = Tables::open(txn)?;
+) -> Result<(Vec<Answer>, AckQueue, Vec<DevId>), redb::Error> {
+    let mut t = Tables::open(txn, ix, number)?;
     let budget = ACK_BUDGET + 2 * stores;
     let mut spent = 0;
     let mut left = AckQueue::new();
@@ -1015,33 +1114,64 @@ fn apply_all(
         .map(|r| t.apply(&r.op, fx))
         .collect::<Result<Vec<_>, _>>()?;
     t.write_rows()?;
-    Ok((answers, left))
+    Ok((answers, left, t.touched))
 }
 
-/// Device rows of one transaction by app, then device, with whether changed.
-type RowCache = HashMap<Box<str>, HashMap<Box<str>, (DeviceRow, bool)>>;
+/// Devices of the index, by app then device.
+type Devices = HashMap<Box<str>, HashMap<Box<str>, Dev>>;
 
-/// The tables of one write transaction.
-struct Tables<'t> {
-    devices: Table<'t, DeviceKey, DeviceValue>,
-    pending: Table<'t, PendingKey, PendingValue>,
-    buckets: Table<'t, BucketKey, u64>,
-    collapse: Table<'t, CollapseKey, u64>,
-    /// Device rows read or changed in this transaction, by app then
-    /// device, with whether they changed: a device appended to or acked
-    /// many times in one batch has its row read once and written once
-    /// (by `write_rows`, before the commit).
-    rows: RowCache,
+/// The tables and the index, for one write transaction.
+struct Tables<'t, 'i> {
+    log: Table<'t, u64, LogValue>,
+    rows: Table<'t, DeviceKey, DeviceRow>,
+    ix: &'i mut Index,
+    /// This transaction's number.
+    number: u64,
+    /// Devices changed in it, each once: their rows are written if needed
+    /// before the commit, their entries compacted after.
+    touched: Vec<DevId>,
 }
 
-impl<'t> Tables<'t> {
-    fn open(txn: &'t WriteTransaction) -> Result<Self, redb::Error> {
+/// A device of the index, read from its row (or new) if not there, and
+/// noted as touched by transaction `number`.
+fn load<'a>(
+    devices: &'a mut Devices,
+    rows: &Table<'_, DeviceKey, DeviceRow>,
+    touched: &mut Vec<DevId>,
+    number: u64,
+    app: &str,
+    device: &str,
+) -> Result<&'a mut Dev, redb::Error> {
+    if devices.get(app).and_then(|d| d.get(device)).is_none() {
+        let row = rows.get((app, device))?.map(|v| v.value());
+        devices
+            .entry(app.into())
+            .or_default()
+            .insert(device.into(), Dev::from_row(row));
+    }
+    let dev = devices
+        .get_mut(app)
+        .and_then(|d| d.get_mut(device))
+        .ok_or_else(|| redb::Error::Corrupted("store index lost a device it just added".into()))?;
+    if dev.touched != number {
+        dev.touched = number;
+        touched.push((app.into(), device.into()));
+    }
+    Ok(dev)
+}
+
+impl<'t, 'i> Tables<'t, 'i> {
+    fn open(
+        txn: &'t WriteTransaction,
+        ix: &'i mut Index,
+        number: u64,
+    ) -> Result<Self, redb::Error> {
         Ok(Tables {
-            devices: txn.open_table(DEVICES)?,
-            pending: txn.open_table(PENDING)?,
-            buckets: txn.open_table(BUCKETS)?,
-            collapse: txn.open_table(COLLAPSE)?,
-            rows: HashMap::new(),
+            log: txn.open_table(LOG)?,
+            rows: txn.open_table(DEVICES)?,
+            ix,
+            number,
+            touched: Vec::new(),
         })
     }
 
@@ -1083,12 +1213,10 @@ impl<'t> Tables<'t> {
                 Answer::Count(self.remove_upto(app, device, u64::MAX, fx)?)
             }
             Op::TakeDropped { app, device } => {
-                let mut taken = 0;
-                if let Some(mut row) = self.row(app, device)? {
-                    if row.dropped > 0 {
-                        taken = std::mem::take(&mut row.dropped);
-                        self.put_row(app, device, &row)?;
-                    }
+                let dev = self.dev(app, device)?;
+                let taken = std::mem::take(&mut dev.dropped);
+                if taken > 0 {
+                    dev.row_dirty = true;
                 }
                 Answer::Count(taken)
             }
@@ -1097,13 +1225,13 @@ impl<'t> Tables<'t> {
                 device,
                 now_ms,
             } => {
-                let mut row = self.row(app, device)?.unwrap_or(DeviceRow::NEW);
-                if row.sessions == 0 {
-                    row.first_seen_ms = *now_ms;
+                let dev = self.dev(app, device)?;
+                if dev.sessions == 0 {
+                    dev.first_seen_ms = *now_ms;
                 }
-                row.sessions += 1;
-                row.last_seen_ms = *now_ms;
-                self.put_row(app, device, &row)?;
+                dev.sessions += 1;
+                dev.last_seen_ms = *now_ms;
+                dev.row_dirty = true;
                 Answer::Done
             }
             Op::Expire { now_ms } => {
@@ -1117,46 +1245,28 @@ impl<'t> Tables<'t> {
         })
     }
 
-    fn row(&mut self, app: &str, device: &str) -> Result<Option<DeviceRow>, redb::Error> {
-        if let Some((row, _)) = self.rows.get(app).and_then(|d| d.get(device)) {
-            return Ok(Some(*row));
-        }
-        let found = self
-            .devices
-            .get((app, device))?
-            .map(|v| DeviceRow::from_value(v.value()));
-        if let Some(row) = found {
-            self.cache_row(app, device, row, false);
-        }
-        Ok(found)
+    /// The device, loaded and noted as touched.
+    fn dev(&mut self, app: &str, device: &str) -> Result<&mut Dev, redb::Error> {
+        load(
+            &mut self.ix.devices,
+            &self.rows,
+            &mut self.touched,
+            self.number,
+            app,
+            device,
+        )
     }
 
-    /// Changes the row in this transaction; `write_rows` stores it.
-    fn put_row(&mut self, app: &str, device: &str, row: &DeviceRow) -> Result<(), redb::Error> {
-        self.cache_row(app, device, *row, true);
-        Ok(())
-    }
-
-    fn cache_row(&mut self, app: &str, device: &str, row: DeviceRow, dirty: bool) {
-        let devices = match self.rows.get_mut(app) {
-            Some(devices) => devices,
-            None => self.rows.entry(app.into()).or_default(),
-        };
-        match devices.get_mut(device) {
-            Some(entry) => *entry = (row, entry.1 || dirty),
-            None => {
-                devices.insert(device.into(), (row, dirty));
-            }
-        }
-    }
-
-    /// Stores every row changed in this transaction.
+    /// Writes the rows of touched devices that need it (see the module doc).
     fn write_rows(&mut self) -> Result<(), redb::Error> {
-        for (app, devices) in &self.rows {
-            for (device, (row, dirty)) in devices {
-                if *dirty {
-                    self.devices.insert((&**app, &**device), row.value())?;
-                }
+        for (app, device) in &self.touched {
+            let Some(dev) = self.ix.get_mut(app, device) else {
+                continue;
+            };
+            if dev.row_dirty || dev.needs_floor() {
+                self.rows.insert((&**app, &**device), dev.row())?;
+                dev.floor = dev.next_seq;
+                dev.row_dirty = false;
             }
         }
         Ok(())
@@ -1174,25 +1284,36 @@ impl<'t> Tables<'t> {
     ) -> Result<AppendOutcome, redb::Error> {
         let now_ms = msg.created_ms;
         let max_pending = max_pending.max(1);
-        let mut row = self.row(app, device)?.unwrap_or(DeviceRow::NEW);
-        let seq = row.next_seq;
-        row.next_seq += 1;
+        let number = self.number;
+        let dev = load(
+            &mut self.ix.devices,
+            &self.rows,
+            &mut self.touched,
+            number,
+            app,
+            device,
+        )?;
+        let log = &mut self.log;
+        let gone = |key: u64| log.remove(key).map(|_| ());
+        let seq = dev.next_seq;
 
         let mut collapsed = 0;
         if let Some(key) = msg.collapse_key.as_deref() {
-            let old = self.collapse.get((app, device, key))?.map(|v| v.value());
-            if let Some(old) = old {
-                if self.remove_one(app, device, old)? {
+            if let Some(old) = dev.collapse(key, seq) {
+                if dev.remove_seq(old, number, gone)? {
                     collapsed = 1;
-                    row.stored -= 1;
                     fx.pending -= 1;
                 }
             }
-            self.collapse.insert((app, device, key), seq)?;
         }
-        self.pending.insert(
-            (app, device, seq),
+        let key = self.ix.next_key;
+        self.ix.next_key += 1;
+        self.log.insert(
+            key,
             (
+                app,
+                device,
+                seq,
                 &*msg.id,
                 &msg.data[..],
                 msg.created_ms,
@@ -1200,116 +1321,51 @@ impl<'t> Tables<'t> {
                 msg.collapse_key.as_deref(),
             ),
         )?;
-        self.note_deadline(app, device, &mut row, msg.expires_ms)?;
-        row.stored += 1;
+        let Index {
+            devices, buckets, ..
+        } = &mut *self.ix;
+        let dev = devices
+            .get_mut(app)
+            .and_then(|d| d.get_mut(device))
+            .ok_or_else(|| redb::Error::Corrupted("store index lost a device".into()))?;
+        dev.push(seq, key, msg.expires_ms, number);
+        note_deadline(buckets, app, device, dev, msg.expires_ms);
         fx.pending += 1;
 
         let mut dropped = 0;
-        if row.stored > max_pending {
+        if dev.live() > max_pending {
+            let log = &mut self.log;
             // Expired messages go first, and are not "dropped".
-            let expired = self.seqs(app, device, u64::MAX, |expires_ms| expires_ms < now_ms)?;
-            for old in &expired {
-                self.remove_one(app, device, *old)?;
-            }
-            let n = expired.len() as u64;
-            row.stored -= n;
+            let n = dev.remove_where(
+                u64::MAX,
+                u64::MAX,
+                number,
+                |expires_ms| expires_ms < now_ms,
+                |key| log.remove(key).map(|_| ()),
+            )?;
             fx.pending -= n as i64;
             fx.expired_unreported += n;
 
-            if row.stored > max_pending {
-                let excess = row.stored - max_pending;
-                let mut oldest = Vec::with_capacity(excess as usize);
-                for entry in self
-                    .pending
-                    .range((app, device, 0)..=(app, device, u64::MAX))?
-                {
-                    if oldest.len() as u64 == excess {
-                        break;
-                    }
-                    oldest.push(entry?.0.value().2);
-                }
-                for old in &oldest {
-                    self.remove_one(app, device, *old)?;
-                }
+            if dev.live() > max_pending {
+                let excess = dev.live() - max_pending;
+                dev.remove_where(
+                    u64::MAX,
+                    excess,
+                    number,
+                    |_| true,
+                    |key| log.remove(key).map(|_| ()),
+                )?;
                 dropped = excess;
-                row.stored -= excess;
                 fx.pending -= excess as i64;
-                row.dropped += excess;
+                dev.dropped += excess;
+                dev.row_dirty = true;
             }
         }
-        self.put_row(app, device, &row)?;
         Ok(AppendOutcome {
             seq,
             dropped,
             collapsed,
         })
-    }
-
-    /// Makes the device's expiry bucket for `expires_ms` cover it: nothing
-    /// to do when the row's noted bucket is that one and its value is no
-    /// later (the usual case), else the bucket is read and written.
-    fn note_deadline(
-        &mut self,
-        app: &str,
-        device: &str,
-        row: &mut DeviceRow,
-        expires_ms: u64,
-    ) -> Result<(), redb::Error> {
-        let minute = expires_ms / BUCKET_MS;
-        if row.bucket == minute && row.bucket_min_ms <= expires_ms {
-            return Ok(());
-        }
-        let key = (minute, app, device);
-        let found = if row.bucket == minute {
-            Some(row.bucket_min_ms)
-        } else {
-            self.buckets.get(key)?.map(|v| v.value())
-        };
-        let min = found.map_or(expires_ms, |f| f.min(expires_ms));
-        if found != Some(min) {
-            self.buckets.insert(key, min)?;
-        }
-        row.bucket = minute;
-        row.bucket_min_ms = min;
-        Ok(())
-    }
-
-    /// Seqs of the device's rows up to `upto` whose deadline `pick` accepts.
-    fn seqs(
-        &self,
-        app: &str,
-        device: &str,
-        upto: u64,
-        mut pick: impl FnMut(u64) -> bool,
-    ) -> Result<Vec<u64>, redb::Error> {
-        let mut seqs = Vec::new();
-        for entry in self.pending.range((app, device, 0)..=(app, device, upto))? {
-            let (key, value) = entry?;
-            if pick(value.value().3) {
-                seqs.push(key.value().2);
-            }
-        }
-        Ok(seqs)
-    }
-
-    /// Removes one `pending` row with its `collapse` entry (the caller
-    /// fixes the device row; expiry buckets are swept by `expire`); returns
-    /// whether it was there.
-    fn remove_one(&mut self, app: &str, device: &str, seq: u64) -> Result<bool, redb::Error> {
-        let key = match self.pending.remove((app, device, seq))? {
-            Some(v) => v.value().4.map(str::to_owned),
-            None => return Ok(false),
-        };
-        if let Some(key) = key {
-            let current = self
-                .collapse
-                .get((app, device, key.as_str()))?
-                .map(|v| v.value());
-            if current == Some(seq) {
-                self.collapse.remove((app, device, key.as_str()))?;
-            }
-        }
-        Ok(true)
     }
 
     /// Removes every message of the device with seq ≤ `upto`; returns how many.
@@ -1320,133 +1376,114 @@ impl<'t> Tables<'t> {
         upto: u64,
         fx: &mut Effects,
     ) -> Result<u64, redb::Error> {
-        let Some(mut row) = self.row(app, device)? else {
-            return Ok(0);
-        };
-        if row.stored == 0 {
+        // A device not in memory has nothing stored: no need to read its row.
+        if self.ix.get(app, device).is_none_or(|d| d.live() == 0) {
             return Ok(0);
         }
-        let n = self.remove_where(app, device, upto, |_| true)?;
-        if n > 0 {
-            row.stored -= n;
-            fx.pending -= n as i64;
-            self.put_row(app, device, &row)?;
-        }
-        Ok(n)
-    }
-
-    /// Removes the device's messages with seq ≤ `upto` whose deadline
-    /// `pick` accepts, with their `collapse` entries (the caller fixes the
-    /// device row); returns how many. One pass over the device's range
-    /// (redb rewrites the leaves it touches once) instead of a lookup and a
-    /// removal per message.
-    fn remove_where(
-        &mut self,
-        app: &str,
-        device: &str,
-        upto: u64,
-        mut pick: impl FnMut(u64) -> bool,
-    ) -> Result<u64, redb::Error> {
-        let mut n = 0;
-        let mut keys: Vec<(u64, Box<str>)> = Vec::new();
-        self.pending
-            .retain_in((app, device, 0)..=(app, device, upto), |key, value| {
-                let (_, _, _, expires_ms, collapse_key) = value;
-                if !pick(expires_ms) {
-                    return true;
-                }
-                n += 1;
-                if let Some(k) = collapse_key {
-                    keys.push((key.2, Box::from(k)));
-                }
-                false
-            })?;
-        for (seq, key) in &keys {
-            let current = self.collapse.get((app, device, &**key))?.map(|v| v.value());
-            if current == Some(*seq) {
-                self.collapse.remove((app, device, &**key))?;
-            }
-        }
+        let number = self.number;
+        let dev = load(
+            &mut self.ix.devices,
+            &self.rows,
+            &mut self.touched,
+            number,
+            app,
+            device,
+        )?;
+        let log = &mut self.log;
+        let n = dev.remove_where(
+            upto,
+            u64::MAX,
+            number,
+            |_| true,
+            |key| log.remove(key).map(|_| ()),
+        )?;
+        fx.pending -= n as i64;
         Ok(n)
     }
 
     /// Removes every message with `expires_ms < now_ms`, found through the
     /// expiry buckets; returns how many. Each device with a bucket whose
     /// minute has begun and whose value is before `now_ms` gets one pass
-    /// over its rows; then its buckets whose minute is over go, and the
+    /// over its entries; then its buckets whose minute is over go, and the
     /// one still running gets the earliest deadline left in it.
     fn expire(&mut self, now_ms: u64, fx: &mut Effects) -> Result<u64, redb::Error> {
         // A message expired at `now_ms` has its deadline in a minute that
-        // began before `now_ms`: in a bucket below this key, whose value
+        // began before `now_ms`: in a bucket below this one, whose value
         // (its earliest deadline) is before `now_ms`.
-        let bound: BucketKey = (now_ms.div_ceil(BUCKET_MS), "", "");
-        let mut due: HashMap<(String, String), Vec<u64>> = HashMap::new();
-        for entry in self.buckets.range(..bound)? {
-            let (key, min) = entry?;
-            if min.value() >= now_ms {
-                continue;
+        let bound = now_ms.div_ceil(BUCKET_MS);
+        let mut due: HashMap<DevId, Vec<u64>> = HashMap::new();
+        for (minute, devices) in self.ix.buckets.range(..bound) {
+            for (id, min) in devices {
+                if *min < now_ms {
+                    due.entry(id.clone()).or_default().push(*minute);
+                }
             }
-            let (minute, app, device) = key.value();
-            due.entry((app.to_owned(), device.to_owned()))
-                .or_default()
-                .push(minute);
         }
         // The minute `now_ms` is in: its bucket may keep messages.
         let running = now_ms / BUCKET_MS;
+        let number = self.number;
         let mut removed = 0;
-        for ((app, device), minutes) in due {
-            let Some(mut row) = self.row(&app, &device)? else {
-                // No row, no messages (a row is never deleted).
-                for minute in minutes {
-                    self.buckets.remove((minute, &*app, &*device))?;
-                }
-                continue;
-            };
-            // The earliest deadline left in the running minute.
-            let mut left: Option<u64> = None;
-            let n = if row.stored > 0 {
-                self.remove_where(&app, &device, u64::MAX, |expires_ms| {
-                    if expires_ms < now_ms {
-                        return true;
-                    }
-                    if expires_ms / BUCKET_MS == running {
-                        left = Some(left.map_or(expires_ms, |l| l.min(expires_ms)));
-                    }
-                    false
-                })?
-            } else {
-                0
-            };
-            row.stored = row.stored.saturating_sub(n);
-            removed += n;
+        for (id, minutes) in due {
+            let (app, device) = (&*id.0, &*id.1);
+            // Not in memory: nothing stored, only the buckets to sweep.
+            let mut left = None;
+            if self.ix.get(app, device).is_some() {
+                let dev = load(
+                    &mut self.ix.devices,
+                    &self.rows,
+                    &mut self.touched,
+                    number,
+                    app,
+                    device,
+                )?;
+                let log = &mut self.log;
+                removed += dev.remove_where(
+                    u64::MAX,
+                    u64::MAX,
+                    number,
+                    |expires_ms| expires_ms < now_ms,
+                    |key| log.remove(key).map(|_| ()),
+                )?;
+                left = dev.earliest_in(running);
+            }
+            let Index {
+                devices, buckets, ..
+            } = &mut *self.ix;
+            let mut dev = devices.get_mut(app).and_then(|d| d.get_mut(device));
             for minute in minutes {
-                let key = (minute, &*app, &*device);
-                match left.filter(|_| minute == running) {
+                let kept = left.filter(|_| minute == running);
+                if let Some(dev) = dev.as_mut() {
+                    dev.bucket_swept(minute, kept);
+                }
+                let Some(bucket) = buckets.get_mut(&minute) else {
+                    continue;
+                };
+                match kept {
                     Some(min) => {
-                        self.buckets.insert(key, min)?;
-                        if row.bucket == minute {
-                            row.bucket_min_ms = min;
-                        }
+                        bucket.insert(id.clone(), min);
                     }
                     // Over, or nothing left in it.
                     None => {
-                        self.buckets.remove(key)?;
-                        if row.bucket == minute {
-                            row.bucket = NO_BUCKET;
+                        bucket.remove(&id);
+                        if bucket.is_empty() {
+                            buckets.remove(&minute);
                         }
                     }
                 }
             }
-            self.put_row(&app, &device, &row)?;
         }
         fx.pending -= removed as i64;
         Ok(removed)
     }
 }
 
-/// Copies one `pending` row out of the database.
-fn stored_message(seq: u64, v: (&str, &[u8], u64, u64, Option<&str>)) -> StoredMessage {
-    let (id, data, created_ms, expires_ms, _) = v;
+/// Copies one `log` row out of the database.
+#[allow(clippy::type_complexity)]
+fn stored_message(
+    seq: u64,
+    v: (&str, &str, u64, &str, &[u8], u64, u64, Option<&str>),
+) -> StoredMessage {
+    let (_, _, _, id, data, created_ms, expires_ms, _) = v;
     StoredMessage {
         seq,
         id: Arc::from(id),
@@ -1544,25 +1581,29 @@ impl Store for RedbStore {
         now_ms: u64,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        let mut out = Vec::new();
         if limit == 0 {
-            return Ok(out);
+            return Ok(Vec::new());
         }
-        let txn = self.db()?.begin_read().map_err(unavailable)?;
-        let table = txn.open_table(PENDING).map_err(unavailable)?;
-        let range = (
-            Bound::Excluded((app, device, after_seq)),
-            Bound::Included((app, device, u64::MAX)),
-        );
-        for entry in table.range(range).map_err(unavailable)? {
-            let (key, value) = entry.map_err(unavailable)?;
-            let value = value.value();
-            if value.3 < now_ms {
-                continue;
+        // Keys first, then a read transaction begun after: every key the
+        // index shows is committed, so its row is there unless a later
+        // commit removed it (acked, expired: then it is rightly skipped).
+        let keys = {
+            let ix = self.shared.index();
+            match ix.get(app, device) {
+                Some(dev) => dev.visible(ix.committed, after_seq, now_ms, limit),
+                None => return Ok(Vec::new()),
             }
-            out.push(stored_message(key.value().2, value));
-            if out.len() == limit {
-                break;
+        };
+        let txn = self.db()?.begin_read().map_err(unavailable)?;
+        let log = txn.open_table(LOG).map_err(unavailable)?;
+        let mut out = Vec::with_capacity(keys.len());
+        for (seq, key) in keys {
+            let Some(row) = log.get(key).map_err(unavailable)? else {
+                continue;
+            };
+            let row = row.value();
+            if (row.0, row.1, row.2) == (app, device, seq) {
+                out.push(stored_message(seq, row));
             }
         }
         Ok(out)
@@ -1658,33 +1699,26 @@ impl Store for RedbStore {
         device: &str,
         now_ms: u64,
     ) -> Result<Option<DeviceRecord>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(unavailable)?;
-        let devices = txn.open_table(DEVICES).map_err(unavailable)?;
-        let Some(row) = devices.get((app, device)).map_err(unavailable)? else {
-            return Ok(None);
+        let pending = {
+            let ix = self.shared.index();
+            ix.get(app, device)
+                .map_or(0, |dev| dev.visible_count(ix.committed, now_ms))
         };
-        let row = DeviceRow::from_value(row.value());
-        let mut pending = 0;
-        if row.stored > 0 {
-            let table = txn.open_table(PENDING).map_err(unavailable)?;
-            for entry in table
-                .range((app, device, 0)..=(app, device, u64::MAX))
-                .map_err(unavailable)?
-            {
-                let (_, value) = entry.map_err(unavailable)?;
-                if value.value().3 >= now_ms {
-                    pending += 1;
-                }
-            }
-        }
-        if row.sessions == 0 && pending == 0 {
+        let txn = self.db()?.begin_read().map_err(unavailable)?;
+        let rows = txn.open_table(DEVICES).map_err(unavailable)?;
+        let (_, _, sessions, first_seen_ms, last_seen_ms) = rows
+            .get((app, device))
+            .map_err(unavailable)?
+            .map(|v| v.value())
+            .unwrap_or_default();
+        if sessions == 0 && pending == 0 {
             return Ok(None);
         }
-        let seen = |ms| (row.sessions > 0).then_some(ms);
+        let seen = |ms| (sessions > 0).then_some(ms);
         Ok(Some(DeviceRecord {
-            first_seen_ms: seen(row.first_seen_ms),
-            last_seen_ms: seen(row.last_seen_ms),
-            sessions: row.sessions,
+            first_seen_ms: seen(first_seen_ms),
+            last_seen_ms: seen(last_seen_ms),
+            sessions,
             pending,
         }))
     }
@@ -1835,13 +1869,9 @@ mod tests {
         assert_eq!(seqs(&s, "a", "d", 0).await, [2]);
     }
 
-    /// Rows of the bucket index, as committed.
-    fn bucket_count(s: &RedbStore) -> u64 {
-        let txn = s.db().expect("db").begin_read().expect("read");
-        txn.open_table(BUCKETS)
-            .expect("buckets")
-            .len()
-            .expect("len")
+    /// Entries of the expiry buckets (device and minute).
+    fn bucket_count(s: &RedbStore) -> usize {
+        s.shared.index().buckets.values().map(HashMap::len).sum()
     }
 
     #[tokio::test]
@@ -1887,6 +1917,41 @@ mod tests {
         assert_eq!(s.pending_total(), 0);
     }
 
+    fn in_memory(s: &RedbStore, device: &str) -> bool {
+        s.shared.index().get("a", device).is_some()
+    }
+
+    #[tokio::test]
+    async fn devices_with_nothing_stored_leave_memory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path());
+        // A device that only connects costs no memory once its row is written.
+        s.record_session("a", "idle", 5).await.expect("session");
+        assert!(!in_memory(&s, "idle"));
+        for i in 0..3 {
+            s.append("a", &["d"], &msg(&format!("m{i}"), 0, 1000, None), 10)
+                .await
+                .expect("append");
+        }
+        assert!(in_memory(&s, "d"));
+        s.ack("a", "d", 2).await.expect("ack");
+        assert!(in_memory(&s, "d"));
+        s.ack("a", "d", 3).await.expect("ack");
+        assert!(!in_memory(&s, "d"), "all acked: the row has its seq");
+        // Read back from the row: seqs go on, the registry is intact.
+        let out = s
+            .append("a", &["d", "idle"], &msg("m3", 0, 1000, None), 10)
+            .await
+            .expect("append");
+        assert_eq!((out[0].seq, out[1].seq), (4, 1));
+        let rec = s
+            .device("a", "idle", 0)
+            .await
+            .expect("device")
+            .expect("seen");
+        assert_eq!((rec.sessions, rec.pending), (1, 1));
+    }
+
     #[tokio::test]
     async fn schema_1_file_is_migrated() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1902,7 +1967,7 @@ mod tests {
                 let mut devices = txn.open_table(DEVICES_V1).expect("devices");
                 devices.insert(("a", "d"), (4, 1, 2, 3, 7, 9)).expect("row");
                 devices.insert(("a", "e"), (2, 0, 0, 1, 5, 5)).expect("row");
-                let mut pending = txn.open_table(PENDING).expect("pending");
+                let mut pending = txn.open_table(PENDING_V2).expect("pending");
                 let mut expiry = txn.open_table(EXPIRY_V1).expect("expiry");
                 for (seq, expires_ms, key) in [(2, 70_000, Some("k")), (3, 200_000, None)] {
                     let id = format!("m{seq}");
@@ -1913,7 +1978,7 @@ mod tests {
                         .insert((expires_ms, "a", "d", seq), ())
                         .expect("expiry");
                 }
-                txn.open_table(COLLAPSE)
+                txn.open_table(COLLAPSE_V2)
                     .expect("collapse")
                     .insert(("a", "d", "k"), 2)
                     .expect("collapse");
@@ -1955,15 +2020,92 @@ mod tests {
             meta.get("schema").expect("get").map(|v| v.value()),
             Some(SCHEMA)
         );
-        let names: Vec<String> = txn
+        drop((meta, txn));
+        assert_eq!(table_names(&db), ["devices_v3", "log", "meta"]);
+    }
+
+    /// The file's tables, sorted.
+    fn table_names(db: &Database) -> Vec<String> {
+        let txn = db.begin_read().expect("read");
+        let mut names: Vec<String> = txn
             .list_tables()
             .expect("tables")
             .map(|t| redb::TableHandle::name(&t).to_string())
             .collect();
-        assert!(
-            !names.iter().any(|n| n == "devices" || n == "expiry"),
-            "{names:?}"
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn schema_2_file_is_migrated_to_the_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join(DB_FILE);
+        {
+            let db = Database::create(&file).expect("create");
+            let txn = db.begin_write().expect("txn");
+            {
+                txn.open_table(META)
+                    .expect("meta")
+                    .insert("schema", 2)
+                    .expect("schema");
+                let mut devices = txn.open_table(DEVICES_V2).expect("devices");
+                devices
+                    .insert(("a", "d"), (6, 1, 2, 3, 7, 9, 1, 70_000))
+                    .expect("row");
+                // Everything acked: only the row knows where seqs are.
+                devices
+                    .insert(("a", "e"), (3, 0, 0, 1, 5, 5, u64::MAX, 0))
+                    .expect("row");
+                let mut pending = txn.open_table(PENDING_V2).expect("pending");
+                let mut buckets = txn.open_table(BUCKETS_V2).expect("buckets");
+                for (seq, expires_ms, key) in [(4, 70_000, Some("k")), (5, 200_000, None)] {
+                    let id = format!("m{seq}");
+                    let data = format!("{seq}");
+                    pending
+                        .insert(("a", "d", seq), (&*id, data.as_bytes(), 0, expires_ms, key))
+                        .expect("pending");
+                    buckets
+                        .insert((expires_ms / BUCKET_MS, "a", "d"), expires_ms)
+                        .expect("bucket");
+                }
+                txn.open_table(COLLAPSE_V2)
+                    .expect("collapse")
+                    .insert(("a", "d", "k"), 4)
+                    .expect("collapse");
+            }
+            txn.commit().expect("commit");
+        }
+
+        let s = open(dir.path());
+        assert_eq!(s.pending_total(), 2);
+        let got = s.pending("a", "d", 0, 0, 10).await.expect("pending");
+        let got: Vec<(u64, &str, &[u8])> =
+            got.iter().map(|m| (m.seq, &*m.id, &m.data[..])).collect();
+        assert_eq!(got, [(4, "m4", &b"4"[..]), (5, "m5", &b"5"[..])]);
+        let rec = s.device("a", "d", 0).await.expect("device").expect("seen");
+        assert_eq!(
+            rec,
+            DeviceRecord {
+                first_seen_ms: Some(7),
+                last_seen_ms: Some(9),
+                sessions: 3,
+                pending: 2
+            }
         );
+        assert_eq!(s.take_dropped("a", "d").await.expect("take"), 1);
+        // Seqs go on (also where nothing was left); the collapse key came over.
+        let out = s
+            .append("a", &["d", "e"], &msg("m6", 0, 100_000, Some("k")), 10)
+            .await
+            .expect("append");
+        assert_eq!((out[0].seq, out[0].collapsed, out[1].seq), (6, 1, 3));
+        assert_eq!(s.expire(100_001).await.expect("expire").expired, 2);
+        assert_eq!(seqs(&s, "a", "d", 0).await, [5]);
+        assert_eq!(s.expire(200_001).await.expect("expire").expired, 1);
+        assert_eq!(s.pending_total(), 0);
+        drop(s);
+        let db = Database::create(&file).expect("open");
+        assert_eq!(table_names(&db), ["devices_v3", "log", "meta"]);
     }
 
     #[tokio::test]
