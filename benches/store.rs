@@ -325,6 +325,45 @@ fn redb_layout(c: &mut Criterion) {
     group.finish();
 }
 
+/// Opening a store that holds 200k messages over 10,000 devices: the
+/// in-memory index is rebuilt by one pass over the log, so this is what a
+/// restart adds per 200k pending messages.
+fn redb_open(c: &mut Criterion) {
+    let rt = runtime(1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut filled = false;
+    let mut group = c.benchmark_group("redb open");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(PREFILL));
+    group.bench_function("200k messages, 10k devices", |b| {
+        if !std::mem::replace(&mut filled, true) {
+            let store = RedbStore::open(dir.path(), 4096, 0).expect("open store");
+            let mut pick = Picker(0x9E37_79B9_7F4A_7C15);
+            let names: Vec<String> = (0..10_000).map(|i| format!("dev{i}")).collect();
+            for round in 0..PREFILL / COMMIT as u64 {
+                let items: Vec<(Vec<&str>, NewMessage)> = (0..COMMIT as u64)
+                    .map(|i| {
+                        let device = names[pick.next(10_000) as usize].as_str();
+                        (vec![device], message(round * COMMIT as u64 + i))
+                    })
+                    .collect();
+                for r in rt.block_on(store.append_many(APP, &items, u64::MAX)) {
+                    r.expect("append");
+                }
+            }
+            assert_eq!(store.pending_total(), PREFILL);
+        }
+        // Closing (the writer thread's join, the file's clean-close flag)
+        // is left out of the time.
+        b.iter_with_large_drop(|| {
+            let store = RedbStore::open(dir.path(), 4096, 0).expect("open store");
+            assert_eq!(store.pending_total(), PREFILL);
+            store
+        })
+    });
+    group.finish();
+}
+
 fn pending_100(c: &mut Criterion) {
     let rt = runtime(1);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -371,6 +410,7 @@ criterion_group!(
     redb_group_commit,
     redb_spread,
     redb_layout,
+    redb_open,
     pending_100
 );
 criterion_main!(benches);
