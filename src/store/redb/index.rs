@@ -14,7 +14,7 @@
 //! file, so the writer-side fields (seq counters, collapse keys, buckets)
 //! never need undoing.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// Width of an expiry bucket, in ms.
 pub(super) const BUCKET_MS: u64 = 60_000;
@@ -37,6 +37,11 @@ pub(super) struct Index {
     /// have messages whose deadline falls in that minute; acks and other
     /// removals leave buckets alone, `expire` sweeps them.
     pub buckets: BTreeMap<u64, HashMap<DevId, u64>>,
+    /// Log keys of acked messages whose rows are not deleted yet. Acks
+    /// only mark messages removed here and move the device's ack cursor;
+    /// the rows are deleted later, lowest keys first, so that many
+    /// deletions share a page (see `DEAD_HOLD` in the store).
+    pub dead: BTreeSet<u64>,
     /// The last committed write transaction (readers see up to it).
     pub committed: u64,
     /// Key of the next log row: keys only grow, also across rebuilds, so a
@@ -132,7 +137,11 @@ pub(super) struct Dev {
     pub sessions: u64,
     pub first_seen_ms: u64,
     pub last_seen_ms: u64,
-    /// `dropped` or the session fields changed since the row was written.
+    /// Every seq up to this one is acked (the ack cursor): log rows of
+    /// this device with seq ≤ it are not messages any more.
+    pub acked: u64,
+    /// `dropped`, `acked` or the session fields changed since the row was
+    /// written.
     pub row_dirty: bool,
     /// The last transaction that changed it.
     pub touched: u64,
@@ -149,8 +158,9 @@ pub(super) struct Dev {
     bucket_min_ms: u64,
 }
 
-/// A device row: (next_seq, dropped, sessions, first_seen_ms, last_seen_ms).
-pub(super) type DeviceRow = (u64, u64, u64, u64, u64);
+/// A device row: (next_seq, dropped, sessions, first_seen_ms,
+/// last_seen_ms, acked).
+pub(super) type DeviceRow = (u64, u64, u64, u64, u64, u64);
 
 impl Dev {
     /// A device never seen.
@@ -161,7 +171,8 @@ impl Dev {
 
     /// A device as its row on disk has it, with nothing stored yet.
     pub fn from_row(row: Option<DeviceRow>) -> Self {
-        let (floor, dropped, sessions, first_seen_ms, last_seen_ms) = row.unwrap_or_default();
+        let (floor, dropped, sessions, first_seen_ms, last_seen_ms, acked) =
+            row.unwrap_or_default();
         Dev {
             next_seq: floor.max(1),
             floor,
@@ -169,6 +180,7 @@ impl Dev {
             sessions,
             first_seen_ms,
             last_seen_ms,
+            acked,
             row_dirty: false,
             touched: 0,
             live: 0,
@@ -186,7 +198,18 @@ impl Dev {
             self.sessions,
             self.first_seen_ms,
             self.last_seen_ms,
+            self.acked,
         )
+    }
+
+    /// Moves the ack cursor to `seq` (never past the last seq handed out,
+    /// whatever a device claims: a later message must never fall under it).
+    pub fn ack_upto(&mut self, seq: u64) {
+        let seq = seq.min(self.next_seq - 1);
+        if seq > self.acked {
+            self.acked = seq;
+            self.row_dirty = true;
+        }
     }
 
     /// Messages stored, removed ones excluded (the writer's view).
