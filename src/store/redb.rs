@@ -1,6 +1,9 @@
 //! Durable [`Store`] on redb: one database file in the data directory and one
 //! writer thread that group-commits, so that many concurrent appends share
-//! one fsync. Reads run inline (MVCC: they never wait for the writer).
+//! one fsync. Reads run inline: they take the in-memory index's lock for
+//! as long as it takes to copy a device's keys (the writer holds it while
+//! it applies a batch, not while it commits), then read rows in their own
+//! read transaction (MVCC: never waiting for the writer).
 //!
 //! The file is a log in arrival order plus a row per device:
 //!
@@ -8,16 +11,21 @@
 //! |---|---|---|
 //! | `meta` | name | u64 (`schema`: the layout version, 3) |
 //! | `log` | arrival number | (app, device, seq, id, data, created_ms, expires_ms, collapse_key) |
-//! | `devices_v3` | (app, device) | (next_seq, dropped, sessions, first_seen_ms, last_seen_ms) |
+//! | `devices_v3` | (app, device) | (next_seq, dropped, sessions, first_seen_ms, last_seen_ms, acked) |
 //!
 //! Every stored (message, device) pair is one `log` row, appended at the
 //! end: a commit of hundreds of messages writes a few contiguous pages.
 //! Keyed by (app, device, seq), as schema 2 did, each message dirtied its
 //! own 4 KiB leaf: 4–9 KB written per ~150-byte message and one writer
-//! thread saturated at ~43k msgs/s (BENCHMARKS.md, issue 5). An ack or any
-//! other removal deletes the row where it is: cheap for messages acked soon
-//! after they were stored (they are near the end), one random page for a
-//! backlog redelivered later.
+//! thread saturated at ~43k msgs/s (BENCHMARKS.md, issue 5). A purge,
+//! expiry, collapse or the pending limit deletes the rows it removes where
+//! they are. An ack only marks its messages removed in memory and moves the
+//! device row's ack cursor (`acked`: every seq up to it is acked, and the
+//! log rows under it are skipped when the file is opened); the acked rows
+//! are deleted later, lowest key first so that many share a page, in the
+//! writer's idle time or once more than `DEAD_HOLD` wait. Deleting each
+//! where it lay cost a random page per ack when a backlog was redelivered
+//! (a device's messages are far apart in the log).
 //!
 //! What finds a device's messages is the in-memory [`index`]: per device its
 //! seq counter and the log keys of its messages in seq order, plus the
@@ -27,7 +35,8 @@
 //!
 //! A device row is written only when something it holds must survive a
 //! restart and the log cannot tell: the dropped count, the session fields,
-//! and `next_seq` once a removal took the device's newest message (seqs are
+//! the ack cursor, and `next_seq` once a removal took the device's newest
+//! message (seqs are
 //! recovered as the greater of the row's `next_seq` and the newest logged
 //! seq + 1, so a plain append writes no row). A device with nothing stored
 //! and its row up to date leaves memory; its row brings it back.
@@ -85,7 +94,7 @@ use redb::{
 };
 use tokio::sync::oneshot;
 
-use self::index::{note_deadline, Dev, DevId, DeviceRow, Index, BUCKET_MS};
+use self::index::{note_deadline, prune_buckets, Dev, DevId, DeviceRow, Index, BUCKET_MS};
 use super::{
     AppendOutcome, DeviceRecord, ExpireOutcome, NewMessage, Store, StoreError, StoredMessage,
 };
@@ -130,8 +139,9 @@ const ACK_BUDGET: u64 = 1024;
 /// rows' space on disk.
 const DEAD_HOLD: usize = 1 << 19;
 
-/// Acked rows deleted per transaction at most.
-const DEAD_CHUNK: usize = 4096;
+/// Acked rows deleted per transaction at most: at a random page each
+/// (the worst case), ~5 ms of a request's wait.
+const DEAD_CHUNK: usize = 1024;
 
 /// How long the writer waits for a request before it deletes acked rows.
 const DEAD_IDLE: Duration = Duration::from_millis(10);
@@ -400,9 +410,11 @@ impl RedbStore {
             max_wait: Duration::from_micros(commit_max_wait_us),
             expired_unreported: 0,
             unsynced: false,
+            last_durable: Instant::now(),
             released: false,
             acks_left: false,
             idle: false,
+            wrote: true,
         };
         let handle = std::thread::Builder::new()
             .name("pushgate-store".into())
@@ -568,9 +580,9 @@ fn init_tables(db: &Database, label: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Schema 1 to 2, inside the caller's transaction: device rows get a
-/// `bucket` field (none noted), index entries become buckets, and the old
-/// tables go.
+/// Schema 1 to 2, inside the caller's transaction, as far as schema 3
+/// needs it: device rows get schema 2's shape, and the per-message expiry
+/// index goes (schema 3 rebuilds its expiry buckets from the log).
 fn migrate_v1(txn: &WriteTransaction) -> Result<(), redb::Error> {
     {
         let old = txn.open_table(DEVICES_V1)?;
@@ -592,18 +604,6 @@ fn migrate_v1(txn: &WriteTransaction) -> Result<(), redb::Error> {
                     0,
                 ),
             )?;
-        }
-        let old = txn.open_table(EXPIRY_V1)?;
-        let mut buckets = txn.open_table(BUCKETS_V2)?;
-        for entry in old.iter()? {
-            let (key, _) = entry?;
-            let (expires_ms, app, device, _) = key.value();
-            // The old index is in deadline order: the first entry of a
-            // bucket is its earliest.
-            let bucket = (expires_ms / BUCKET_MS, app, device);
-            if buckets.get(bucket)?.is_none() {
-                buckets.insert(bucket, expires_ms)?;
-            }
         }
     }
     txn.delete_table(DEVICES_V1)?;
@@ -704,6 +704,11 @@ fn load_index(
             note_deadline(buckets, app, device, dev, expires_ms);
             stored += 1;
         }
+        // Devices whose rows were all acked were read in only to skip them.
+        ix.devices.retain(|_, devices| {
+            devices.retain(|_, dev| !dev.evictable());
+            !devices.is_empty()
+        });
         Ok((ix, stored))
     };
     load().map_err(|e| init_error(label, e))
@@ -746,6 +751,8 @@ struct Writer {
     expired_unreported: u64,
     /// Whether a commit without fsync happened since the last durable one.
     unsynced: bool,
+    /// When the last durable commit ended.
+    last_durable: Instant,
     /// The file is closed for another process (`Op::Release`).
     released: bool,
     /// Queued acks were put back for lack of budget: run another
@@ -754,6 +761,11 @@ struct Writer {
     /// The transaction being made is the writer's idle time: it deletes a
     /// chunk of acked rows.
     idle: bool,
+    /// A request's transaction committed since the file was last
+    /// (re)opened: only then do idle deletions run, so that a store that
+    /// cannot write (disk full) is not reopened, and its log read again,
+    /// for a deletion nobody waits for.
+    wrote: bool,
 }
 
 /// What a committed batch changed in the shared counters.
@@ -780,15 +792,20 @@ impl Writer {
                 }
                 self.fill(&mut batch);
             } else {
-                let dead =
-                    !self.released && self.broken.is_none() && !self.shared.index().dead.is_empty();
+                let dead = !self.released
+                    && self.broken.is_none()
+                    && self.wrote
+                    && !self.shared.index().dead.is_empty();
                 let first = if dead {
                     match self.rx.recv_timeout(DEAD_IDLE) {
                         Ok(request) => request,
                         Err(mpsc::RecvTimeoutError::Timeout) => {
-                            // Idle: delete a chunk of acked rows.
+                            // Idle: delete a chunk of acked rows, with an
+                            // fsync if acks and sessions have waited for
+                            // one as long as `IDLE_SYNC`.
+                            let durable = self.unsynced && self.last_durable.elapsed() >= IDLE_SYNC;
                             self.idle = true;
-                            self.process(&mut Vec::new(), false);
+                            self.process(&mut Vec::new(), durable);
                             self.idle = false;
                             continue;
                         }
@@ -904,6 +921,12 @@ impl Writer {
                 }
                 // A durable commit also makes every earlier one durable.
                 self.unsynced = !durable;
+                if durable {
+                    self.last_durable = Instant::now();
+                }
+                if !batch.is_empty() {
+                    self.wrote = true;
+                }
                 if effects.pending >= 0 {
                     self.shared
                         .pending_total
@@ -1034,6 +1057,7 @@ impl Writer {
         };
         let (index, stored) = load_index(&db, &self.label, committed, next_key)?;
         *self.shared.index() = index;
+        self.wrote = false;
         self.shared.pending_total.store(stored, Ordering::Relaxed);
         let db = Arc::new(db);
         *slot
@@ -1078,13 +1102,27 @@ impl Writer {
         let pass = Pass {
             number: index.committed + 1,
             stores,
-            idle: self.idle,
         };
         let applied = apply_all(&txn, &mut index, &pass, acks, batch, &mut effects);
+        // Acked rows to delete: a chunk in the writer's idle time, else
+        // those over the hold, lowest keys first (many to a page).
+        let dead = if self.idle {
+            DEAD_CHUNK
+        } else {
+            index.dead.len().saturating_sub(DEAD_HOLD).min(DEAD_CHUNK)
+        };
+        let dead: Vec<u64> = (0..dead).map_while(|_| index.dead.pop_first()).collect();
         // Readers wait for the index only while the batch is applied, not
-        // while it commits: they do not see its changes until `committed`
-        // says so.
+        // while rows are deleted or it commits: they do not see its changes
+        // until `committed` says so.
         drop(index);
+        let applied = applied.and_then(|done| {
+            let mut log = txn.open_table(LOG)?;
+            for key in dead {
+                log.remove(key)?;
+            }
+            Ok(done)
+        });
         match applied {
             Ok((answers, left, touched)) => {
                 txn.commit()?;
@@ -1116,11 +1154,16 @@ impl Writer {
 /// nothing is stored for them and their row is up to date).
 fn publish(ix: &mut Index, number: u64, touched: &[DevId]) {
     ix.committed = number;
-    for (app, device) in touched {
-        let Some(dev) = ix.get_mut(app, device) else {
+    for id in touched {
+        let (app, device) = (&*id.0, &*id.1);
+        let Index {
+            devices, buckets, ..
+        } = &mut *ix;
+        let Some(dev) = devices.get_mut(app).and_then(|d| d.get_mut(device)) else {
             continue;
         };
         dev.compact();
+        prune_buckets(buckets, id, dev);
         if dev.evictable() {
             ix.remove(app, device);
         }
@@ -1133,14 +1176,11 @@ struct Pass {
     number: u64,
     /// (message, device) pairs its batch stores.
     stores: u64,
-    /// It is the writer's idle time: it deletes a chunk of acked rows.
-    idle: bool,
 }
 
 /// Applies queued acks (up to [`ACK_BUDGET`] plus two per message the batch
-/// stores), then the batch, in one transaction, then deletes acked rows (a
-/// chunk when idle, else those over [`DEAD_HOLD`]); returns the answers,
-/// the acks left for later and the devices touched.
+/// stores), then the batch, in one transaction; returns the answers, the
+/// acks left for later and the devices touched.
 /// The acks may go first: a device acks only seqs it was sent, which are
 /// committed, and every append in the batch gets a higher seq.
 fn apply_all(
@@ -1170,12 +1210,6 @@ fn apply_all(
         .iter()
         .map(|r| t.apply(&r.op, fx))
         .collect::<Result<Vec<_>, _>>()?;
-    let over = t.ix.dead.len().saturating_sub(DEAD_HOLD);
-    t.delete_dead(if pass.idle {
-        DEAD_CHUNK
-    } else {
-        over.min(DEAD_CHUNK)
-    })?;
     t.write_rows()?;
     Ok((answers, left, t.touched))
 }
@@ -1496,17 +1530,6 @@ impl<'t, 'i> Tables<'t, 'i> {
         Ok(n)
     }
 
-    /// Deletes up to `most` acked rows, lowest keys first.
-    fn delete_dead(&mut self, most: usize) -> Result<(), redb::Error> {
-        for _ in 0..most {
-            let Some(key) = self.ix.dead.pop_first() else {
-                break;
-            };
-            self.log.remove(key)?;
-        }
-        Ok(())
-    }
-
     /// Removes every message with `expires_ms < now_ms`, found through the
     /// expiry buckets; returns how many. Each device with a bucket whose
     /// minute has begun and whose value is before `now_ms` gets one pass
@@ -1693,24 +1716,38 @@ impl Store for RedbStore {
         // Keys first, then a read transaction begun after: every key the
         // index shows is committed, so its row is there unless a later
         // commit removed it (acked, expired: then it is rightly skipped).
-        let keys = {
-            let ix = self.shared.index();
-            match ix.get(app, device) {
-                Some(dev) => dev.visible(ix.committed, after_seq, now_ms, limit),
-                None => return Ok(Vec::new()),
-            }
-        };
-        let txn = self.db()?.begin_read().map_err(unavailable)?;
-        let log = txn.open_table(LOG).map_err(unavailable)?;
-        let mut out = Vec::with_capacity(keys.len());
-        for (seq, key) in keys {
-            let Some(row) = log.get(key).map_err(unavailable)? else {
-                continue;
+        // A page short of `limit` tells the caller there is no more, so
+        // rows removed meanwhile are made up for with the next keys.
+        let mut out = Vec::new();
+        let mut after = after_seq;
+        loop {
+            let want = limit - out.len();
+            let keys = {
+                let ix = self.shared.index();
+                match ix.get(app, device) {
+                    Some(dev) => dev.visible(ix.committed, after, now_ms, want),
+                    None => Vec::new(),
+                }
             };
-            let row = row.value();
-            if (row.0, row.1, row.2) == (app, device, seq) {
-                out.push(stored_message(seq, row));
+            let Some(&(last, _)) = keys.last() else {
+                break;
+            };
+            let more = keys.len() == want;
+            let txn = self.db()?.begin_read().map_err(unavailable)?;
+            let log = txn.open_table(LOG).map_err(unavailable)?;
+            for (seq, key) in keys {
+                let Some(row) = log.get(key).map_err(unavailable)? else {
+                    continue;
+                };
+                let row = row.value();
+                if (row.0, row.1, row.2) == (app, device, seq) {
+                    out.push(stored_message(seq, row));
+                }
             }
+            if out.len() == limit || !more {
+                break;
+            }
+            after = last;
         }
         Ok(out)
     }
@@ -1998,12 +2035,17 @@ mod tests {
             .expect("append");
         assert_eq!(bucket_count(&s), 1);
         assert_eq!(s.expire(501).await.expect("expire").expired, 1);
-        // Acks leave the bucket; the sweep after its minute takes it.
-        s.ack("a", "d", 50).await.expect("ack");
+        // A message in a later minute: a second bucket.
+        s.append("a", &["d"], &msg("kept", 0, 200_000, None), 100)
+            .await
+            .expect("append");
+        assert_eq!(bucket_count(&s), 2);
+        // Acking every message of the first minute takes the device out of
+        // its bucket at once (it is in more buckets than it has messages).
+        s.ack("a", "d", 51).await.expect("ack");
         assert_eq!(bucket_count(&s), 1);
-        assert_eq!(s.expire(59_999).await.expect("expire").expired, 0);
         assert_eq!(s.expire(60_000).await.expect("expire").expired, 0);
-        assert_eq!(bucket_count(&s), 0);
+        assert_eq!(bucket_count(&s), 1);
         // In the running minute a bucket stays while messages are left in it.
         for ttl in [61_000, 62_000] {
             s.append("a", &["d"], &msg("late", 0, ttl, None), 100)
@@ -2011,16 +2053,33 @@ mod tests {
                 .expect("append");
         }
         assert_eq!(s.expire(61_001).await.expect("expire").expired, 1);
-        assert_eq!(bucket_count(&s), 1);
+        assert_eq!(bucket_count(&s), 2);
         assert_eq!(s.expire(62_001).await.expect("expire").expired, 1);
-        assert_eq!(bucket_count(&s), 0);
+        assert_eq!(bucket_count(&s), 1);
         // A message of that minute stored after its bucket went gets it back.
         s.append("a", &["d"], &msg("later", 0, 63_000, None), 100)
             .await
             .expect("append");
-        assert_eq!(bucket_count(&s), 1);
+        assert_eq!(bucket_count(&s), 2);
         assert_eq!(s.expire(63_001).await.expect("expire").expired, 1);
+        assert_eq!(s.expire(200_001).await.expect("expire").expired, 1);
+        assert_eq!(bucket_count(&s), 0);
         assert_eq!(s.pending_total(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_device_that_acks_everything_is_in_no_bucket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path());
+        // One message a minute for 20 minutes, each acked: without pruning
+        // the device would stay in 20 buckets until each minute came.
+        for k in 0..20u64 {
+            let m = msg(&format!("m{k}"), 0, 3_600_000 + k * BUCKET_MS, None);
+            let seq = s.append("a", &["d"], &m, 100).await.expect("append")[0].seq;
+            s.ack("a", "d", seq).await.expect("ack");
+            assert_eq!(bucket_count(&s), 0, "after minute {k}");
+        }
+        assert!(!in_memory(&s, "d"));
     }
 
     fn in_memory(s: &RedbStore, device: &str) -> bool {
@@ -2096,9 +2155,15 @@ mod tests {
                     log.insert(seq * 10, ("a", "d", seq, &*id, &b"1"[..], 0, 10_000, None))
                         .expect("row");
                 }
-                txn.open_table(DEVICES)
-                    .expect("devices")
+                // "e" has only an acked row left: it is not kept in memory.
+                log.insert(40, ("a", "e", 1, "e1", &b"1"[..], 0, 10_000, None))
+                    .expect("row");
+                let mut devices = txn.open_table(DEVICES).expect("devices");
+                devices
                     .insert(("a", "d"), (4, 0, 0, 0, 0, 2))
+                    .expect("device");
+                devices
+                    .insert(("a", "e"), (2, 0, 0, 0, 0, 1))
                     .expect("device");
             }
             txn.commit().expect("commit");
@@ -2106,6 +2171,7 @@ mod tests {
         let s = open(dir.path());
         assert_eq!(seqs(&s, "a", "d", 0).await, [3]);
         assert_eq!(s.pending_total(), 1);
+        assert!(!in_memory(&s, "e"));
         // The writer deletes them when it has nothing else to do.
         wait_for_log_rows(&s, 1).await;
         // An ack marks at once; the row goes later, and stays gone.
@@ -2121,6 +2187,43 @@ mod tests {
         drop(s);
         let s = open(dir.path());
         assert_eq!(seqs(&s, "a", "d", 0).await, [4]);
+    }
+
+    #[tokio::test]
+    async fn a_page_is_filled_up_when_rows_went_after_the_index_was_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path());
+        for i in 1..=3 {
+            s.append("a", &["d"], &msg(&format!("m{i}"), 0, 10_000, None), 10)
+                .await
+                .expect("append");
+        }
+        // As if a commit removed seq 1's row between the index read and
+        // the row reads: the index still lists it.
+        let key = {
+            let ix = s.shared.index();
+            ix.get("a", "d")
+                .expect("device")
+                .visible(ix.committed, 0, 0, 1)[0]
+                .1
+        };
+        let db = s.db().expect("db");
+        let txn = db.begin_write().expect("txn");
+        txn.open_table(LOG)
+            .expect("log")
+            .remove(key)
+            .expect("remove");
+        txn.commit().expect("commit");
+        // A short page would tell the connection there is nothing more.
+        assert_eq!(
+            s.pending("a", "d", 0, 0, 2)
+                .await
+                .expect("pending")
+                .iter()
+                .map(|m| m.seq)
+                .collect::<Vec<_>>(),
+            [2, 3]
+        );
     }
 
     #[tokio::test]
@@ -2194,7 +2297,7 @@ mod tests {
             .await
             .expect("append");
         assert_eq!((out[0].seq, out[0].collapsed, out[1].seq), (4, 1, 2));
-        // The old index entries became buckets: seq 3 expires on time.
+        // Expiry works from the migrated rows: seq 3 expires on time.
         assert_eq!(s.expire(100_001).await.expect("expire").expired, 2);
         assert_eq!(seqs(&s, "a", "d", 0).await, [3]);
         assert_eq!(s.expire(200_001).await.expect("expire").expired, 1);
@@ -2630,7 +2733,7 @@ mod tests {
         }
     }
 
-    /// Three appends and an ack of seq 1 for device "d", sent together so
+    /// Three appends and an ack of `ack` for device "d", sent together so
     /// that they make one batch of a store whose batches are 4 long. Each
     /// call queues its request when first polled, and `join!(biased; …)`
     /// polls them in order, so the ack is queued after the appends (with
@@ -2640,6 +2743,7 @@ mod tests {
     async fn batch_of_four(
         s: &Arc<RedbStore>,
         ids: [&'static str; 3],
+        ack: u64,
     ) -> (
         Vec<Result<Vec<AppendOutcome>, StoreError>>,
         Result<u64, StoreError>,
@@ -2650,7 +2754,7 @@ mod tests {
             s.append("a", &["d"], &m1, 10),
             s.append("a", &["d"], &m2, 10),
             s.append("a", &["d"], &m3, 10),
-            s.ack("a", "d", 1),
+            s.ack("a", "d", ack),
         );
         (vec![a1, a2, a3], ack)
     }
@@ -2666,7 +2770,7 @@ mod tests {
         let s = Arc::new(
             RedbStore::with_backend(move || backend.clone(), 4, 60_000_000).expect("open"),
         );
-        let (appends, ack) = batch_of_four(&s, ["m1", "m2", "m3"]).await;
+        let (appends, ack) = batch_of_four(&s, ["m1", "m2", "m3"], 1).await;
         assert!(appends.iter().all(Result::is_ok));
         assert_eq!(ack.expect("ack"), 1);
         assert_eq!(seqs(&*s, "a", "d", 0).await, [2, 3]);
@@ -2675,7 +2779,7 @@ mod tests {
         wait_for_log_rows(&s, 2).await;
 
         fail.store(true, Ordering::SeqCst);
-        let (appends, ack) = batch_of_four(&s, ["lost1", "lost2", "lost3"]).await;
+        let (appends, ack) = batch_of_four(&s, ["lost1", "lost2", "lost3"], 2).await;
         for append in appends {
             assert!(
                 matches!(append, Err(StoreError::Unavailable(_))),
@@ -2683,16 +2787,16 @@ mod tests {
             );
         }
         assert!(matches!(ack, Err(StoreError::Unavailable(_))), "{ack:?}");
-        // Nothing of the failed batch is visible, the ack included.
+        // Nothing of the failed batch is visible, its ack of seq 2 included.
         assert_eq!(seqs(&*s, "a", "d", 0).await, [2, 3]);
         assert_eq!(s.pending_total(), 2);
         // Still failing: reopening fails too, and so does the next batch.
-        let (appends, _) = batch_of_four(&s, ["lost4", "lost5", "lost6"]).await;
+        let (appends, _) = batch_of_four(&s, ["lost4", "lost5", "lost6"], 2).await;
         assert!(appends.iter().all(Result::is_err));
 
         // The fault passes: the writer reopens the file and goes on.
         fail.store(false, Ordering::SeqCst);
-        let (appends, ack) = batch_of_four(&s, ["n1", "n2", "n3"]).await;
+        let (appends, ack) = batch_of_four(&s, ["n1", "n2", "n3"], 1).await;
         let got: Vec<u64> = appends
             .into_iter()
             .map(|a| a.expect("append")[0].seq)

@@ -14,6 +14,7 @@
 //! file, so the writer-side fields (seq counters, collapse keys, buckets)
 //! never need undoing.
 
+use std::collections::hash_map::Entry as Slot;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// Width of an expiry bucket, in ms.
@@ -96,14 +97,60 @@ pub(super) fn note_deadline(
     if dev.bucket == minute && dev.bucket_min_ms <= expires_ms {
         return;
     }
-    let min = buckets
+    let min = match buckets
         .entry(minute)
         .or_default()
         .entry((app.into(), device.into()))
-        .or_insert(expires_ms);
-    *min = (*min).min(expires_ms);
+    {
+        Slot::Occupied(min) => {
+            let min = min.into_mut();
+            *min = (*min).min(expires_ms);
+            *min
+        }
+        Slot::Vacant(slot) => {
+            dev.minutes.push(minute);
+            *slot.insert(expires_ms)
+        }
+    };
     dev.bucket = minute;
-    dev.bucket_min_ms = *min;
+    dev.bucket_min_ms = min;
+}
+
+/// Takes the device out of the buckets of minutes in which it has nothing
+/// stored any more, once it is in more buckets than it has messages (or in
+/// any, with nothing stored). Buckets are otherwise only swept when their
+/// minute comes, and a device acking everything it gets would be in one
+/// for every minute of the ttl.
+pub(super) fn prune_buckets(
+    buckets: &mut BTreeMap<u64, HashMap<DevId, u64>>,
+    id: &DevId,
+    dev: &mut Dev,
+) {
+    if dev.minutes.len() as u64 <= dev.live {
+        return;
+    }
+    let msgs = &dev.msgs;
+    let stored_in = |minute: u64| {
+        msgs.iter()
+            .any(|e| e.removed == 0 && e.expires_ms / BUCKET_MS == minute)
+    };
+    let mut kept = Vec::new();
+    for minute in std::mem::take(&mut dev.minutes) {
+        if stored_in(minute) {
+            kept.push(minute);
+            continue;
+        }
+        if let Some(bucket) = buckets.get_mut(&minute) {
+            bucket.remove(id);
+            if bucket.is_empty() {
+                buckets.remove(&minute);
+            }
+        }
+        if dev.bucket == minute {
+            dev.bucket = NO_BUCKET;
+        }
+    }
+    dev.minutes = kept;
 }
 
 /// One message stored for one device.
@@ -152,6 +199,8 @@ pub(super) struct Dev {
     /// collapse key -> seq of the newest message stored with it, which may
     /// be removed since (checked when the key comes again).
     collapse: HashMap<Box<str>, u64>,
+    /// Minutes of the expiry buckets the device is in.
+    minutes: Vec<u64>,
     /// The minute of the expiry bucket last noted for the device ...
     bucket: u64,
     /// ... and that bucket's value.
@@ -186,6 +235,7 @@ impl Dev {
             live: 0,
             msgs: VecDeque::new(),
             collapse: HashMap::new(),
+            minutes: Vec::new(),
             bucket: NO_BUCKET,
             bucket_min_ms: 0,
         }
@@ -374,8 +424,12 @@ impl Dev {
             .min()
     }
 
-    /// Forgets the noted bucket if it is `minute`, or lowers its value.
+    /// After `expire` swept the bucket of `minute`: forgets it, or lowers
+    /// its value if messages are `left` in it.
     pub fn bucket_swept(&mut self, minute: u64, left: Option<u64>) {
+        if left.is_none() {
+            self.minutes.retain(|m| *m != minute);
+        }
         if self.bucket == minute {
             match left {
                 Some(min) => self.bucket_min_ms = min,
@@ -441,7 +495,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_removal_removes_nothing() {
+    fn a_failed_removal_stops_where_it_failed() {
         let mut d = Dev::new();
         d.push(1, 1, 100, 1);
         d.push(2, 2, 100, 1);
