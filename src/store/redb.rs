@@ -2243,6 +2243,50 @@ mod tests {
         assert_eq!(seqs(&s, "a", "d", 0).await, [2]);
     }
 
+    /// What both migration tests wrote, as the migrated store must show
+    /// it: device "d" with two pending messages from seq `first` (`m<seq>`,
+    /// data `<seq>`, the first with collapse key "k" and deadline 70 s, the
+    /// second 200 s), 3 sessions seen at 7 and 9 ms, 1 dropped; device "e"
+    /// with nothing pending whose next seq is `e_next`.
+    async fn check_migrated(s: RedbStore, first: u64, e_next: u64) {
+        assert_eq!(s.pending_total(), 2);
+        let got = s.pending("a", "d", 0, 0, 10).await.expect("pending");
+        let got: Vec<(u64, String, String)> = got
+            .iter()
+            .map(|m| {
+                let data = String::from_utf8_lossy(&m.data).into_owned();
+                (m.seq, m.id.to_string(), data)
+            })
+            .collect();
+        let want = |seq: u64| (seq, format!("m{seq}"), format!("{seq}"));
+        assert_eq!(got, [want(first), want(first + 1)]);
+        let rec = s.device("a", "d", 0).await.expect("device").expect("seen");
+        assert_eq!(
+            rec,
+            DeviceRecord {
+                first_seen_ms: Some(7),
+                last_seen_ms: Some(9),
+                sessions: 3,
+                pending: 2
+            }
+        );
+        assert_eq!(s.take_dropped("a", "d").await.expect("take"), 1);
+        // Seqs go on (also where nothing was left); the collapse key came over.
+        let out = s
+            .append("a", &["d", "e"], &msg("new", 0, 100_000, Some("k")), 10)
+            .await
+            .expect("append");
+        assert_eq!(
+            (out[0].seq, out[0].collapsed, out[1].seq),
+            (first + 2, 1, e_next)
+        );
+        // Expiry works from the migrated rows: the second expires on time.
+        assert_eq!(s.expire(100_001).await.expect("expire").expired, 2);
+        assert_eq!(seqs(&s, "a", "d", 0).await, [first + 1]);
+        assert_eq!(s.expire(200_001).await.expect("expire").expired, 1);
+        assert_eq!(s.pending_total(), 0);
+    }
+
     #[tokio::test]
     async fn schema_1_file_is_migrated() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -2262,8 +2306,9 @@ mod tests {
                 let mut expiry = txn.open_table(EXPIRY_V1).expect("expiry");
                 for (seq, expires_ms, key) in [(2, 70_000, Some("k")), (3, 200_000, None)] {
                     let id = format!("m{seq}");
+                    let data = format!("{seq}");
                     pending
-                        .insert(("a", "d", seq), (&*id, &b"1"[..], 0, expires_ms, key))
+                        .insert(("a", "d", seq), (&*id, data.as_bytes(), 0, expires_ms, key))
                         .expect("pending");
                     expiry
                         .insert((expires_ms, "a", "d", seq), ())
@@ -2277,32 +2322,7 @@ mod tests {
             txn.commit().expect("commit");
         }
 
-        let s = open(dir.path());
-        assert_eq!(s.pending_total(), 2);
-        assert_eq!(seqs(&s, "a", "d", 0).await, [2, 3]);
-        let rec = s.device("a", "d", 0).await.expect("device").expect("seen");
-        assert_eq!(
-            rec,
-            DeviceRecord {
-                first_seen_ms: Some(7),
-                last_seen_ms: Some(9),
-                sessions: 3,
-                pending: 2
-            }
-        );
-        assert_eq!(s.take_dropped("a", "d").await.expect("take"), 1);
-        // Seqs go on; the collapse index came over.
-        let out = s
-            .append("a", &["d", "e"], &msg("m4", 0, 100_000, Some("k")), 10)
-            .await
-            .expect("append");
-        assert_eq!((out[0].seq, out[0].collapsed, out[1].seq), (4, 1, 2));
-        // Expiry works from the migrated rows: seq 3 expires on time.
-        assert_eq!(s.expire(100_001).await.expect("expire").expired, 2);
-        assert_eq!(seqs(&s, "a", "d", 0).await, [3]);
-        assert_eq!(s.expire(200_001).await.expect("expire").expired, 1);
-        assert_eq!(s.pending_total(), 0);
-        drop(s);
+        check_migrated(open(dir.path()), 2, 2).await;
 
         let db = Database::create(&file).expect("open");
         let txn = db.begin_read().expect("read");
@@ -2367,34 +2387,7 @@ mod tests {
             txn.commit().expect("commit");
         }
 
-        let s = open(dir.path());
-        assert_eq!(s.pending_total(), 2);
-        let got = s.pending("a", "d", 0, 0, 10).await.expect("pending");
-        let got: Vec<(u64, &str, &[u8])> =
-            got.iter().map(|m| (m.seq, &*m.id, &m.data[..])).collect();
-        assert_eq!(got, [(4, "m4", &b"4"[..]), (5, "m5", &b"5"[..])]);
-        let rec = s.device("a", "d", 0).await.expect("device").expect("seen");
-        assert_eq!(
-            rec,
-            DeviceRecord {
-                first_seen_ms: Some(7),
-                last_seen_ms: Some(9),
-                sessions: 3,
-                pending: 2
-            }
-        );
-        assert_eq!(s.take_dropped("a", "d").await.expect("take"), 1);
-        // Seqs go on (also where nothing was left); the collapse key came over.
-        let out = s
-            .append("a", &["d", "e"], &msg("m6", 0, 100_000, Some("k")), 10)
-            .await
-            .expect("append");
-        assert_eq!((out[0].seq, out[0].collapsed, out[1].seq), (6, 1, 3));
-        assert_eq!(s.expire(100_001).await.expect("expire").expired, 2);
-        assert_eq!(seqs(&s, "a", "d", 0).await, [5]);
-        assert_eq!(s.expire(200_001).await.expect("expire").expired, 1);
-        assert_eq!(s.pending_total(), 0);
-        drop(s);
+        check_migrated(open(dir.path()), 4, 3).await;
         let db = Database::create(&file).expect("open");
         assert_eq!(table_names(&db), ["devices_v3", "log", "meta"]);
     }
