@@ -35,11 +35,13 @@ pub(super) struct Index {
     pub devices: HashMap<Box<str>, HashMap<Box<str>, Dev>>,
     /// Expiry buckets: minute (expires_ms / BUCKET_MS) -> device -> the
     /// earliest deadline in it. A device is in a minute's bucket if it may
-    /// have messages whose deadline falls in that minute; acks and other
-    /// removals leave buckets alone, `expire` sweeps them.
+    /// have messages whose deadline falls in that minute. `expire` sweeps
+    /// them when their minute comes; before that, a device leaves the
+    /// buckets of minutes it has nothing stored in once it is in more
+    /// buckets than it has messages ([`prune_buckets`]).
     pub buckets: BTreeMap<u64, HashMap<DevId, u64>>,
     /// Log keys of acked messages whose rows are not deleted yet. Acks
-    /// only mark messages removed here and move the device's ack cursor;
+    /// only mark their messages removed and move the device's ack cursor;
     /// the rows are deleted later, lowest keys first, so that many
     /// deletions share a page (see `DEAD_HOLD` in the store).
     pub dead: BTreeSet<u64>,
