@@ -94,7 +94,9 @@ use redb::{
 };
 use tokio::sync::oneshot;
 
-use self::index::{note_deadline, prune_buckets, Dev, DevId, DeviceRow, Index, BUCKET_MS};
+use self::index::{
+    leave_bucket, note_deadline, prune_buckets, Dev, DevId, DeviceRow, Index, BUCKET_MS,
+};
 use super::{
     AppendOutcome, DeviceRecord, ExpireOutcome, NewMessage, Store, StoreError, StoredMessage,
 };
@@ -678,10 +680,6 @@ fn load_index(
             let (key, value) = entry?;
             let key = key.value();
             let (app, device, seq, _, _, _, expires_ms, collapse_key) = value.value();
-            if ix.get(app, device).is_none() {
-                let row = rows.get((app, device))?.map(|v| v.value());
-                ix.insert(app, device, Dev::from_row(row));
-            }
             ix.next_key = ix.next_key.max(key + 1);
             let Index {
                 devices,
@@ -689,9 +687,7 @@ fn load_index(
                 dead,
                 ..
             } = &mut ix;
-            let Some(dev) = devices.get_mut(app).and_then(|d| d.get_mut(device)) else {
-                continue;
-            };
+            let dev = dev_entry(devices, &rows, app, device)?;
             if seq <= dev.acked {
                 // Acked, the row not deleted yet.
                 dead.insert(key);
@@ -1229,13 +1225,10 @@ struct Tables<'t, 'i> {
     touched: Vec<DevId>,
 }
 
-/// A device of the index, read from its row (or new) if not there, and
-/// noted as touched by transaction `number`.
-fn load<'a>(
+/// A device of the index, read from its row (or new) if not there.
+fn dev_entry<'a>(
     devices: &'a mut Devices,
-    rows: &Table<'_, DeviceKey, DeviceRow>,
-    touched: &mut Vec<DevId>,
-    number: u64,
+    rows: &impl ReadableTable<DeviceKey, DeviceRow>,
     app: &str,
     device: &str,
 ) -> Result<&'a mut Dev, redb::Error> {
@@ -1246,15 +1239,19 @@ fn load<'a>(
             .or_default()
             .insert(device.into(), Dev::from_row(row));
     }
-    let dev = devices
+    devices
         .get_mut(app)
         .and_then(|d| d.get_mut(device))
-        .ok_or_else(|| redb::Error::Corrupted("store index lost a device it just added".into()))?;
+        .ok_or_else(|| redb::Error::Corrupted("store index lost a device it just added".into()))
+}
+
+/// Notes the device as touched by transaction `number` (once): its row is
+/// written if needed before the commit, its entries compacted after.
+fn touch(dev: &mut Dev, touched: &mut Vec<DevId>, number: u64, app: &str, device: &str) {
     if dev.touched != number {
         dev.touched = number;
         touched.push((app.into(), device.into()));
     }
-    Ok(dev)
 }
 
 impl<'t, 'i> Tables<'t, 'i> {
@@ -1345,14 +1342,9 @@ impl<'t, 'i> Tables<'t, 'i> {
 
     /// The device, loaded and noted as touched.
     fn dev(&mut self, app: &str, device: &str) -> Result<&mut Dev, redb::Error> {
-        load(
-            &mut self.ix.devices,
-            &self.rows,
-            &mut self.touched,
-            self.number,
-            app,
-            device,
-        )
+        let dev = dev_entry(&mut self.ix.devices, &self.rows, app, device)?;
+        touch(dev, &mut self.touched, self.number, app, device);
+        Ok(dev)
     }
 
     /// Writes the rows of touched devices that need it (see the module doc).
@@ -1383,30 +1375,29 @@ impl<'t, 'i> Tables<'t, 'i> {
         let now_ms = msg.created_ms;
         let max_pending = max_pending.max(1);
         let number = self.number;
-        let dev = load(
-            &mut self.ix.devices,
-            &self.rows,
-            &mut self.touched,
-            number,
-            app,
-            device,
-        )?;
-        let log = &mut self.log;
-        let gone = |key: u64| log.remove(key).map(|_| ());
+        let Tables {
+            log,
+            rows,
+            ix,
+            touched,
+            ..
+        } = self;
+        let dev = dev_entry(&mut ix.devices, rows, app, device)?;
+        touch(dev, touched, number, app, device);
         let seq = dev.next_seq;
 
         let mut collapsed = 0;
         if let Some(key) = msg.collapse_key.as_deref() {
             if let Some(old) = dev.collapse(key, seq) {
-                if dev.remove_seq(old, number, gone)? {
+                if dev.remove_seq(old, number, |key| log.remove(key).map(|_| ()))? {
                     collapsed = 1;
                     fx.pending -= 1;
                 }
             }
         }
-        let key = self.ix.next_key;
-        self.ix.next_key += 1;
-        self.log.insert(
+        let key = ix.next_key;
+        ix.next_key += 1;
+        log.insert(
             key,
             (
                 app,
@@ -1419,20 +1410,12 @@ impl<'t, 'i> Tables<'t, 'i> {
                 msg.collapse_key.as_deref(),
             ),
         )?;
-        let Index {
-            devices, buckets, ..
-        } = &mut *self.ix;
-        let dev = devices
-            .get_mut(app)
-            .and_then(|d| d.get_mut(device))
-            .ok_or_else(|| redb::Error::Corrupted("store index lost a device".into()))?;
         dev.push(seq, key, msg.expires_ms, number);
-        note_deadline(buckets, app, device, dev, msg.expires_ms);
+        note_deadline(&mut ix.buckets, app, device, dev, msg.expires_ms);
         fx.pending += 1;
 
         let mut dropped = 0;
         if dev.live() > max_pending {
-            let log = &mut self.log;
             // Expired messages go first, and are not "dropped".
             let n = dev.remove_where(
                 u64::MAX,
@@ -1489,21 +1472,22 @@ impl<'t, 'i> Tables<'t, 'i> {
         acked: bool,
         fx: &mut Effects,
     ) -> Result<u64, redb::Error> {
-        // A device not in memory has nothing stored: no need to read its row.
-        if self.ix.get(app, device).is_none_or(|d| d.live() == 0) {
-            return Ok(0);
-        }
         let number = self.number;
-        let dev = load(
-            &mut self.ix.devices,
-            &self.rows,
-            &mut self.touched,
-            number,
-            app,
-            device,
-        )?;
+        let Tables {
+            log, ix, touched, ..
+        } = self;
+        // A device not in memory has nothing stored: no need to read its row.
+        let Some(dev) = ix
+            .devices
+            .get_mut(app)
+            .and_then(|d| d.get_mut(device))
+            .filter(|d| d.live() > 0)
+        else {
+            return Ok(0);
+        };
+        touch(dev, touched, number, app, device);
         let n = if acked {
-            let dead = &mut self.ix.dead;
+            let dead = &mut ix.dead;
             let n = dev.remove_where(
                 upto,
                 u64::MAX,
@@ -1517,7 +1501,6 @@ impl<'t, 'i> Tables<'t, 'i> {
             dev.ack_upto(upto);
             n
         } else {
-            let log = &mut self.log;
             dev.remove_where(
                 upto,
                 u64::MAX,
@@ -1552,20 +1535,19 @@ impl<'t, 'i> Tables<'t, 'i> {
         let running = now_ms / BUCKET_MS;
         let number = self.number;
         let mut removed = 0;
+        let Tables {
+            log, ix, touched, ..
+        } = self;
+        let Index {
+            devices, buckets, ..
+        } = &mut **ix;
         for (id, minutes) in due {
             let (app, device) = (&*id.0, &*id.1);
             // Not in memory: nothing stored, only the buckets to sweep.
+            let mut dev = devices.get_mut(app).and_then(|d| d.get_mut(device));
             let mut left = None;
-            if self.ix.get(app, device).is_some() {
-                let dev = load(
-                    &mut self.ix.devices,
-                    &self.rows,
-                    &mut self.touched,
-                    number,
-                    app,
-                    device,
-                )?;
-                let log = &mut self.log;
+            if let Some(dev) = dev.as_deref_mut() {
+                touch(dev, touched, number, app, device);
                 removed += dev.remove_where(
                     u64::MAX,
                     u64::MAX,
@@ -1575,29 +1557,19 @@ impl<'t, 'i> Tables<'t, 'i> {
                 )?;
                 left = dev.earliest_in(running);
             }
-            let Index {
-                devices, buckets, ..
-            } = &mut *self.ix;
-            let mut dev = devices.get_mut(app).and_then(|d| d.get_mut(device));
             for minute in minutes {
                 let kept = left.filter(|_| minute == running);
-                if let Some(dev) = dev.as_mut() {
+                if let Some(dev) = dev.as_deref_mut() {
                     dev.bucket_swept(minute, kept);
                 }
-                let Some(bucket) = buckets.get_mut(&minute) else {
-                    continue;
-                };
                 match kept {
                     Some(min) => {
-                        bucket.insert(id.clone(), min);
-                    }
-                    // Over, or nothing left in it.
-                    None => {
-                        bucket.remove(&id);
-                        if bucket.is_empty() {
-                            buckets.remove(&minute);
+                        if let Some(bucket) = buckets.get_mut(&minute) {
+                            bucket.insert(id.clone(), min);
                         }
                     }
+                    // Over, or nothing left in it.
+                    None => leave_bucket(buckets, minute, &id),
                 }
             }
         }

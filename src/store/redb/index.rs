@@ -61,18 +61,6 @@ impl Index {
         self.devices.get_mut(app)?.get_mut(device)
     }
 
-    /// Adds a device (not there yet).
-    pub fn insert(&mut self, app: &str, device: &str, dev: Dev) {
-        match self.devices.get_mut(app) {
-            Some(devices) => devices.insert(device.into(), dev),
-            None => self
-                .devices
-                .entry(app.into())
-                .or_default()
-                .insert(device.into(), dev),
-        };
-    }
-
     /// Forgets a device (see [`Dev::evictable`]).
     pub fn remove(&mut self, app: &str, device: &str) {
         if let Some(devices) = self.devices.get_mut(app) {
@@ -118,6 +106,21 @@ pub(super) fn note_deadline(
     dev.bucket_min_ms = min;
 }
 
+/// Takes the device out of the bucket of `minute`, and the minute out of
+/// the index once nobody is in it.
+pub(super) fn leave_bucket(
+    buckets: &mut BTreeMap<u64, HashMap<DevId, u64>>,
+    minute: u64,
+    id: &DevId,
+) {
+    if let Some(bucket) = buckets.get_mut(&minute) {
+        bucket.remove(id);
+        if bucket.is_empty() {
+            buckets.remove(&minute);
+        }
+    }
+}
+
 /// Takes the device out of the buckets of minutes in which it has nothing
 /// stored any more, once it is in more buckets than it has messages (or in
 /// any, with nothing stored). Buckets are otherwise only swept when their
@@ -142,12 +145,7 @@ pub(super) fn prune_buckets(
             kept.push(minute);
             continue;
         }
-        if let Some(bucket) = buckets.get_mut(&minute) {
-            bucket.remove(id);
-            if bucket.is_empty() {
-                buckets.remove(&minute);
-            }
-        }
+        leave_bucket(buckets, minute, id);
         if dev.bucket == minute {
             dev.bucket = NO_BUCKET;
         }
