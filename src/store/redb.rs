@@ -2107,39 +2107,42 @@ mod tests {
         panic!("log still has {} rows, expected {rows}", log_rows(s));
     }
 
+    /// Writes a store file in `dir` by hand: layout version `schema`, and
+    /// whatever `fill` puts in its tables, in one transaction.
+    fn write_file(dir: &Path, schema: u64, fill: impl FnOnce(&WriteTransaction)) {
+        let db = Database::create(dir.join(DB_FILE)).expect("create");
+        let txn = db.begin_write().expect("txn");
+        txn.open_table(META)
+            .expect("meta")
+            .insert("schema", schema)
+            .expect("schema");
+        fill(&txn);
+        txn.commit().expect("commit");
+    }
+
     #[tokio::test]
     async fn acked_rows_are_deleted_later_and_never_come_back() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let file = dir.path().join(DB_FILE);
         // As a crash would leave it: the ack cursor of "d" is at 2, and the
         // rows of seqs 1 and 2 are not deleted yet.
-        {
-            let db = Database::create(&file).expect("create");
-            let txn = db.begin_write().expect("txn");
-            {
-                txn.open_table(META)
-                    .expect("meta")
-                    .insert("schema", SCHEMA)
-                    .expect("schema");
-                let mut log = txn.open_table(LOG).expect("log");
-                for seq in 1..=3u64 {
-                    let id = format!("m{seq}");
-                    log.insert(seq * 10, ("a", "d", seq, &*id, &b"1"[..], 0, 10_000, None))
-                        .expect("row");
-                }
-                // "e" has only an acked row left: it is not kept in memory.
-                log.insert(40, ("a", "e", 1, "e1", &b"1"[..], 0, 10_000, None))
+        write_file(dir.path(), SCHEMA, |txn| {
+            let mut log = txn.open_table(LOG).expect("log");
+            for seq in 1..=3u64 {
+                let id = format!("m{seq}");
+                log.insert(seq * 10, ("a", "d", seq, &*id, &b"1"[..], 0, 10_000, None))
                     .expect("row");
-                let mut devices = txn.open_table(DEVICES).expect("devices");
-                devices
-                    .insert(("a", "d"), (4, 0, 0, 0, 0, 2))
-                    .expect("device");
-                devices
-                    .insert(("a", "e"), (2, 0, 0, 0, 0, 1))
-                    .expect("device");
             }
-            txn.commit().expect("commit");
-        }
+            // "e" has only an acked row left: it is not kept in memory.
+            log.insert(40, ("a", "e", 1, "e1", &b"1"[..], 0, 10_000, None))
+                .expect("row");
+            let mut devices = txn.open_table(DEVICES).expect("devices");
+            devices
+                .insert(("a", "d"), (4, 0, 0, 0, 0, 2))
+                .expect("device");
+            devices
+                .insert(("a", "e"), (2, 0, 0, 0, 0, 1))
+                .expect("device");
+        });
         let s = open(dir.path());
         assert_eq!(seqs(&s, "a", "d", 0).await, [3]);
         assert_eq!(s.pending_total(), 1);
@@ -2215,6 +2218,28 @@ mod tests {
         assert_eq!(seqs(&s, "a", "d", 0).await, [2]);
     }
 
+    /// Device "d"'s two messages of both migration tests, in schema 1's and
+    /// 2's `pending` and `collapse` tables: seqs `first` (collapse key "k",
+    /// deadline 70 s) and `first + 1` (200 s). Returns (seq, deadline) of
+    /// each, for the expiry index of the schema at hand.
+    fn write_pending_v2(txn: &WriteTransaction, first: u64) -> [(u64, u64); 2] {
+        let mut pending = txn.open_table(PENDING_V2).expect("pending");
+        let written = [(first, 70_000), (first + 1, 200_000)];
+        for (seq, expires_ms) in written {
+            let id = format!("m{seq}");
+            let data = format!("{seq}");
+            let key = (seq == first).then_some("k");
+            pending
+                .insert(("a", "d", seq), (&*id, data.as_bytes(), 0, expires_ms, key))
+                .expect("pending");
+        }
+        txn.open_table(COLLAPSE_V2)
+            .expect("collapse")
+            .insert(("a", "d", "k"), first)
+            .expect("collapse");
+        written
+    }
+
     /// What both migration tests wrote, as the migrated store must show
     /// it: device "d" with two pending messages from seq `first` (`m<seq>`,
     /// data `<seq>`, the first with collapse key "k" and deadline 70 s, the
@@ -2263,36 +2288,17 @@ mod tests {
     async fn schema_1_file_is_migrated() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join(DB_FILE);
-        {
-            let db = Database::create(&file).expect("create");
-            let txn = db.begin_write().expect("txn");
-            {
-                txn.open_table(META)
-                    .expect("meta")
-                    .insert("schema", 1)
-                    .expect("schema");
-                let mut devices = txn.open_table(DEVICES_V1).expect("devices");
-                devices.insert(("a", "d"), (4, 1, 2, 3, 7, 9)).expect("row");
-                devices.insert(("a", "e"), (2, 0, 0, 1, 5, 5)).expect("row");
-                let mut pending = txn.open_table(PENDING_V2).expect("pending");
-                let mut expiry = txn.open_table(EXPIRY_V1).expect("expiry");
-                for (seq, expires_ms, key) in [(2, 70_000, Some("k")), (3, 200_000, None)] {
-                    let id = format!("m{seq}");
-                    let data = format!("{seq}");
-                    pending
-                        .insert(("a", "d", seq), (&*id, data.as_bytes(), 0, expires_ms, key))
-                        .expect("pending");
-                    expiry
-                        .insert((expires_ms, "a", "d", seq), ())
-                        .expect("expiry");
-                }
-                txn.open_table(COLLAPSE_V2)
-                    .expect("collapse")
-                    .insert(("a", "d", "k"), 2)
-                    .expect("collapse");
+        write_file(dir.path(), 1, |txn| {
+            let mut devices = txn.open_table(DEVICES_V1).expect("devices");
+            devices.insert(("a", "d"), (4, 1, 2, 3, 7, 9)).expect("row");
+            devices.insert(("a", "e"), (2, 0, 0, 1, 5, 5)).expect("row");
+            let mut expiry = txn.open_table(EXPIRY_V1).expect("expiry");
+            for (seq, expires_ms) in write_pending_v2(txn, 2) {
+                expiry
+                    .insert((expires_ms, "a", "d", seq), ())
+                    .expect("expiry");
             }
-            txn.commit().expect("commit");
-        }
+        });
 
         check_migrated(open(dir.path()), 2, 2).await;
 
@@ -2323,41 +2329,22 @@ mod tests {
     async fn schema_2_file_is_migrated_to_the_log() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join(DB_FILE);
-        {
-            let db = Database::create(&file).expect("create");
-            let txn = db.begin_write().expect("txn");
-            {
-                txn.open_table(META)
-                    .expect("meta")
-                    .insert("schema", 2)
-                    .expect("schema");
-                let mut devices = txn.open_table(DEVICES_V2).expect("devices");
-                devices
-                    .insert(("a", "d"), (6, 1, 2, 3, 7, 9, 1, 70_000))
-                    .expect("row");
-                // Everything acked: only the row knows where seqs are.
-                devices
-                    .insert(("a", "e"), (3, 0, 0, 1, 5, 5, u64::MAX, 0))
-                    .expect("row");
-                let mut pending = txn.open_table(PENDING_V2).expect("pending");
-                let mut buckets = txn.open_table(BUCKETS_V2).expect("buckets");
-                for (seq, expires_ms, key) in [(4, 70_000, Some("k")), (5, 200_000, None)] {
-                    let id = format!("m{seq}");
-                    let data = format!("{seq}");
-                    pending
-                        .insert(("a", "d", seq), (&*id, data.as_bytes(), 0, expires_ms, key))
-                        .expect("pending");
-                    buckets
-                        .insert((expires_ms / BUCKET_MS, "a", "d"), expires_ms)
-                        .expect("bucket");
-                }
-                txn.open_table(COLLAPSE_V2)
-                    .expect("collapse")
-                    .insert(("a", "d", "k"), 4)
-                    .expect("collapse");
+        write_file(dir.path(), 2, |txn| {
+            let mut devices = txn.open_table(DEVICES_V2).expect("devices");
+            devices
+                .insert(("a", "d"), (6, 1, 2, 3, 7, 9, 1, 70_000))
+                .expect("row");
+            // Everything acked: only the row knows where seqs are.
+            devices
+                .insert(("a", "e"), (3, 0, 0, 1, 5, 5, u64::MAX, 0))
+                .expect("row");
+            let mut buckets = txn.open_table(BUCKETS_V2).expect("buckets");
+            for (_, expires_ms) in write_pending_v2(txn, 4) {
+                buckets
+                    .insert((expires_ms / BUCKET_MS, "a", "d"), expires_ms)
+                    .expect("bucket");
             }
-            txn.commit().expect("commit");
-        }
+        });
 
         check_migrated(open(dir.path()), 4, 3).await;
         let db = Database::create(&file).expect("open");
@@ -2461,15 +2448,7 @@ mod tests {
     #[tokio::test]
     async fn other_table_layout_is_corrupt() {
         let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let db = Database::create(dir.path().join(DB_FILE)).expect("create");
-            let txn = db.begin_write().expect("txn");
-            txn.open_table(META)
-                .expect("meta")
-                .insert("schema", 99)
-                .expect("insert");
-            txn.commit().expect("commit");
-        }
+        write_file(dir.path(), 99, |_| {});
         match RedbStore::open(dir.path(), 64, 0) {
             Err(StoreError::Corrupt(why)) => assert!(why.contains("99"), "{why}"),
             Err(other) => panic!("expected Corrupt, got {other}"),
