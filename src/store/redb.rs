@@ -22,8 +22,9 @@
 //! they are. An ack only marks its messages removed in memory and moves the
 //! device row's ack cursor (`acked`: every seq up to it is acked, and the
 //! log rows under it are skipped when the file is opened); the acked rows
-//! are deleted later, lowest key first so that many share a page, in the
-//! writer's idle time or once more than `DEAD_HOLD` wait. Deleting each
+//! are deleted later, lowest key first so that many share a page: in the
+//! writer's idle time, one per message a transaction stores, and in every
+//! transaction once more than `DEAD_HOLD` wait. Deleting each
 //! where it lay cost a random page per ack when a backlog was redelivered
 //! (a device's messages are far apart in the log).
 //!
@@ -130,16 +131,22 @@ const ACK_DELAY: Duration = Duration::from_millis(20);
 /// append dearer: 20k -> 15k msgs/s).
 const ACK_BUDGET: u64 = 1024;
 
-/// Acked rows left in the log before transactions start deleting them.
+/// Acked rows left in the log before every transaction deletes them.
 /// Acks of a redelivered backlog land all over the log (a device's 100
 /// messages are 100 rows far apart), and deleting each as it came cost a
 /// page per ack: twice the gateway's CPU per redelivered message, and
 /// live pushes stalled behind those commits. Held back (the device row's
 /// ack cursor keeps them from coming back after a restart), they are
-/// deleted lowest key first, many to a page, when the writer is idle or
-/// once more than this many wait: ~20 bytes of memory each, and their
-/// rows' space on disk.
-const DEAD_HOLD: usize = 1 << 19;
+/// deleted lowest key first, many to a page: a chunk when the writer is
+/// idle, one per message a transaction stores, and, once more than this
+/// many wait, a chunk in every transaction. The hold is as large as a
+/// storm's acks: with 2^19, the million acks of 10k devices redelivering
+/// 100 each went over it halfway, and the chunks deleted in every
+/// transaction from then on took the live pushes' p99 from 9 to 40–48 ms
+/// (BENCHMARKS.md). Each waiting key costs ~0.3 B of memory when they are
+/// dense in the log (as a backlog's are), ~20 B when far apart, and its
+/// row's space on disk.
+const DEAD_HOLD: usize = 1 << 22;
 
 /// Acked rows deleted per transaction at most: at a random page each
 /// (the worst case), ~5 ms of a request's wait.
@@ -1100,14 +1107,10 @@ impl Writer {
             stores,
         };
         let applied = apply_all(&txn, &mut index, &pass, acks, batch, &mut effects);
-        // Acked rows to delete: a chunk in the writer's idle time, else
-        // those over the hold, lowest keys first (many to a page).
-        let dead = if self.idle {
-            DEAD_CHUNK
-        } else {
-            index.dead.len().saturating_sub(DEAD_HOLD).min(DEAD_CHUNK)
-        };
-        let dead: Vec<u64> = (0..dead).map_while(|_| index.dead.pop_first()).collect();
+        // Acked rows to delete, lowest keys first (many to a page): a chunk
+        // in the writer's idle time, else see `DEAD_HOLD`.
+        let dead = dead_to_delete(self.idle, index.dead.len(), stores);
+        let dead = index.dead.take_lowest(dead);
         // Readers wait for the index only while the batch is applied, not
         // while rows are deleted or it commits: they do not see its changes
         // until `committed` says so.
@@ -1143,6 +1146,21 @@ impl Writer {
             }
         }
     }
+}
+
+/// How many acked rows a transaction deletes, of `waiting`: a chunk in the
+/// writer's idle time; else one per message it stores (under steady
+/// traffic the writer is never idle, and they would stay until the hold),
+/// and those over the hold.
+fn dead_to_delete(idle: bool, waiting: usize, stores: u64) -> usize {
+    if idle {
+        return DEAD_CHUNK;
+    }
+    let stores = usize::try_from(stores).unwrap_or(usize::MAX);
+    waiting
+        .saturating_sub(DEAD_HOLD)
+        .saturating_add(stores)
+        .min(DEAD_CHUNK)
 }
 
 /// After transaction `number` committed: readers may see it, and the
@@ -2162,6 +2180,19 @@ mod tests {
         drop(s);
         let s = open(dir.path());
         assert_eq!(seqs(&s, "a", "d", 0).await, [4]);
+    }
+
+    #[test]
+    fn acked_rows_go_in_idle_time_one_per_stored_message_and_over_the_hold() {
+        assert_eq!(dead_to_delete(true, 10, 0), DEAD_CHUNK);
+        // Under traffic: one per message stored...
+        assert_eq!(dead_to_delete(false, 10, 0), 0);
+        assert_eq!(dead_to_delete(false, 10, 4), 4);
+        assert_eq!(dead_to_delete(false, DEAD_HOLD, 4), 4);
+        // ... and those over the hold, a chunk at most.
+        assert_eq!(dead_to_delete(false, DEAD_HOLD + 5, 4), 9);
+        assert_eq!(dead_to_delete(false, DEAD_HOLD + 5000, 4), DEAD_CHUNK);
+        assert_eq!(dead_to_delete(false, usize::MAX, u64::MAX), DEAD_CHUNK);
     }
 
     #[tokio::test]

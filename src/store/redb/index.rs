@@ -15,7 +15,7 @@
 //! never need undoing.
 
 use std::collections::hash_map::Entry as Slot;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// Width of an expiry bucket, in ms.
 pub(super) const BUCKET_MS: u64 = 60_000;
@@ -44,7 +44,7 @@ pub(super) struct Index {
     /// only mark their messages removed and move the device's ack cursor;
     /// the rows are deleted later, lowest keys first, so that many
     /// deletions share a page (see `DEAD_HOLD` in the store).
-    pub dead: BTreeSet<u64>,
+    pub dead: DeadKeys,
     /// The last committed write transaction (readers see up to it).
     pub committed: u64,
     /// Key of the next log row: keys only grow, also across rebuilds, so a
@@ -69,6 +69,59 @@ impl Index {
                 self.devices.remove(app);
             }
         }
+    }
+}
+
+/// A set of log keys, as 64-key words of bits: the keys a redelivered
+/// backlog's acks leave are dense in the log (its rows were appended
+/// together), so a million of them take ~16k words (~0.3 MB) where a
+/// `BTreeSet` took ~20 MB. Keys far apart cost a word each (~20 B, as
+/// before).
+#[derive(Default)]
+pub(super) struct DeadKeys {
+    /// key / 64 -> bit key % 64 set for each key in the set; no word is 0.
+    words: BTreeMap<u64, u64>,
+    len: usize,
+}
+
+impl DeadKeys {
+    pub fn insert(&mut self, key: u64) {
+        let word = self.words.entry(key / 64).or_insert(0);
+        let bit = 1 << (key % 64);
+        if *word & bit == 0 {
+            *word |= bit;
+            self.len += 1;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Takes up to `n` keys out of the set, lowest first.
+    pub fn take_lowest(&mut self, n: usize) -> Vec<u64> {
+        let mut out = Vec::with_capacity(n.min(self.len));
+        while out.len() < n {
+            let Some(mut entry) = self.words.first_entry() else {
+                break;
+            };
+            let base = *entry.key() * 64;
+            let word = entry.get_mut();
+            while *word != 0 && out.len() < n {
+                let bit = word.trailing_zeros();
+                out.push(base + u64::from(bit));
+                *word &= *word - 1;
+            }
+            if *word == 0 {
+                entry.remove();
+            }
+        }
+        self.len -= out.len();
+        out
     }
 }
 
@@ -445,6 +498,25 @@ mod tests {
 
     fn ok(_: u64) -> Result<(), ()> {
         Ok(())
+    }
+
+    #[test]
+    fn dead_keys_come_out_lowest_first_each_once() {
+        let mut dead = DeadKeys::default();
+        for key in [200, 3, 64, 63, 3, 1_000_000, 65] {
+            dead.insert(key);
+        }
+        assert_eq!(dead.len(), 6);
+        assert_eq!(dead.take_lowest(3), [3, 63, 64]);
+        assert_eq!(dead.len(), 3);
+        assert_eq!(dead.take_lowest(10), [65, 200, 1_000_000]);
+        assert!(dead.is_empty());
+        assert_eq!(dead.take_lowest(10), Vec::<u64>::new());
+        // A word emptied by `take_lowest` is gone, and a key can come again.
+        dead.insert(64);
+        assert_eq!(dead.words.len(), 1);
+        assert_eq!(dead.take_lowest(1), [64]);
+        assert!(dead.words.is_empty());
     }
 
     #[test]
