@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pushgate::store::memory::MemoryStore;
-use pushgate::store::redb::RedbStore;
+use pushgate::store::redb::{RedbStore, Tuning};
 use pushgate::store::{NewMessage, Store};
 
 const APP: &str = "bench";
@@ -71,7 +71,7 @@ fn memory_append_ack(c: &mut Criterion) {
 fn redb_group_commit(c: &mut Criterion) {
     let rt = runtime(2);
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(RedbStore::open(dir.path(), 4096, 0).expect("open store"));
+    let store = Arc::new(RedbStore::open(dir.path(), Tuning::batch(4096, 0)).expect("open store"));
     let mut group = c.benchmark_group("redb");
     group.throughput(Throughput::Elements(1));
     group.sample_size(10);
@@ -184,7 +184,7 @@ fn redb_spread(c: &mut Criterion) {
     group.sample_size(20);
     for devices in [64u64, 10_000] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = RedbStore::open(dir.path(), 4096, 0).expect("open store");
+        let store = RedbStore::open(dir.path(), Tuning::batch(4096, 0)).expect("open store");
         let names: Vec<String> = (0..devices).map(|i| format!("dev{i}")).collect();
         let mut pick = Picker(0x9E37_79B9_7F4A_7C15);
         let mut n = 0u64;
@@ -337,7 +337,7 @@ fn redb_open(c: &mut Criterion) {
     group.throughput(Throughput::Elements(PREFILL));
     group.bench_function("200k messages, 10k devices", |b| {
         if !std::mem::replace(&mut filled, true) {
-            let store = RedbStore::open(dir.path(), 4096, 0).expect("open store");
+            let store = RedbStore::open(dir.path(), Tuning::batch(4096, 0)).expect("open store");
             let mut pick = Picker(0x9E37_79B9_7F4A_7C15);
             let names: Vec<String> = (0..10_000).map(|i| format!("dev{i}")).collect();
             for round in 0..PREFILL / COMMIT as u64 {
@@ -359,7 +359,8 @@ fn redb_open(c: &mut Criterion) {
             let mut elapsed = Duration::ZERO;
             for _ in 0..iters {
                 let start = Instant::now();
-                let store = RedbStore::open(dir.path(), 4096, 0).expect("open store");
+                let store =
+                    RedbStore::open(dir.path(), Tuning::batch(4096, 0)).expect("open store");
                 elapsed += start.elapsed();
                 assert_eq!(store.pending_total(), PREFILL);
                 drop(store);
@@ -373,7 +374,7 @@ fn redb_open(c: &mut Criterion) {
 fn pending_100(c: &mut Criterion) {
     let rt = runtime(1);
     let dir = tempfile::tempdir().expect("tempdir");
-    let redb = RedbStore::open(dir.path(), 4096, 0).expect("open store");
+    let redb = RedbStore::open(dir.path(), Tuning::batch(4096, 0)).expect("open store");
     let memory = MemoryStore::new();
     let ids: Vec<NewMessage> = (0..100).map(message).collect();
     rt.block_on(async {

@@ -128,6 +128,10 @@ pub struct StoreConfig {
     /// (appends that arrive during a commit still share the next one).
     /// Not in PROTOCOL.md's list: an extension.
     pub commit_max_wait_us: u64,
+    /// redb's page cache, in MiB: a ceiling, filled as pages are read or
+    /// written, and kept for the life of the process.
+    /// Not in PROTOCOL.md's list: an extension.
+    pub cache_mb: u64,
 }
 
 impl Default for StoreConfig {
@@ -137,6 +141,7 @@ impl Default for StoreConfig {
             path: PathBuf::from("pushgate-data"),
             commit_max_batch: 4096,
             commit_max_wait_us: 0,
+            cache_mb: crate::store::redb::DEFAULT_CACHE_MB,
         }
     }
 }
@@ -422,6 +427,9 @@ const MAX_QUEUE: usize = 1 << 30;
 /// Upper bound of the time keys in seconds (one day), so that timeouts
 /// derived from them (`2 × heartbeat + 5 s`) cannot overflow.
 const MAX_SECS: u64 = 86_400;
+/// Upper bound of `store.cache_mb` (1 TiB): its bytes fit a `usize` on
+/// 64-bit targets with room to spare.
+const MAX_CACHE_MB: u64 = 1 << 20;
 
 impl Config {
     /// Index in `apps` of the app `id`.
@@ -542,6 +550,7 @@ impl Config {
 
         let s = &self.store;
         errs.range("store.commit_max_batch", s.commit_max_batch, 1, usize::MAX);
+        errs.range("store.cache_mb", s.cache_mb, 1, MAX_CACHE_MB);
         if s.kind == StoreKind::Redb && s.path.as_os_str().is_empty() {
             errs.add("store.path", "must not be empty with kind = \"redb\"");
         }
@@ -1120,6 +1129,8 @@ max_messages_per_sec = 0     # messages accepted per second for this app (each m
             ("messages", "max_pending", "0", "1"),
             ("messages", "default_ttl_secs", "2419201", "2419200"),
             ("store", "commit_max_batch", "0", "1"),
+            ("store", "cache_mb", "0", "1"),
+            ("store", "cache_mb", "1048577", "1048576"),
             ("shutdown", "drain_secs", "86401", "0"),
         ];
         for (section, key, bad, good) in cases {

@@ -28,7 +28,7 @@ use crate::net::{self, ActivatedListeners};
 use crate::protocol::CloseReason;
 use crate::shutdown::Drain;
 use crate::store::memory::MemoryStore;
-use crate::store::redb::RedbStore;
+use crate::store::redb::{RedbStore, Tuning};
 use crate::store::{Store, StoreError};
 
 /// Listen backlog for both listeners (the kernel caps it at somaxconn).
@@ -180,8 +180,11 @@ fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
         StoreKind::Redb => Arc::new(
             RedbStore::open(
                 &config.store.path,
-                config.store.commit_max_batch,
-                config.store.commit_max_wait_us,
+                Tuning {
+                    commit_max_batch: config.store.commit_max_batch,
+                    commit_max_wait_us: config.store.commit_max_wait_us,
+                    cache_bytes: usize::try_from(config.store.cache_mb << 20).unwrap_or(usize::MAX),
+                },
             )
             .map_err(|source| StartError::Store {
                 path: config.store.path.display().to_string(),

@@ -348,15 +348,39 @@ enum Answer {
     Done,
 }
 
+/// redb's page cache when the config does not say: the log's interior
+/// pages and the recent leaves fit many times over. redb's own default,
+/// 1 GiB, let RSS grow by ~90 MB more during a 1M-message redelivery for
+/// no measurable gain (BENCHMARKS.md, issue 5).
+pub const DEFAULT_CACHE_MB: u64 = 64;
+
+/// How the store commits and caches (`[store]` in the config).
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    /// Messages one transaction takes at most.
+    pub commit_max_batch: usize,
+    /// How long the writer waits for more requests after the first.
+    pub commit_max_wait_us: u64,
+    /// redb's page cache (reads and writes), in bytes.
+    pub cache_bytes: usize,
+}
+
+impl Tuning {
+    /// The given group commit, with the default cache.
+    pub fn batch(commit_max_batch: usize, commit_max_wait_us: u64) -> Tuning {
+        Tuning {
+            commit_max_batch,
+            commit_max_wait_us,
+            cache_bytes: (DEFAULT_CACHE_MB as usize) << 20,
+        }
+    }
+}
+
 impl RedbStore {
     /// Opens (creating if needed) the store in directory `path`. Fails with
     /// [`StoreError::Locked`] at once if another process (or another
     /// `RedbStore` in this one) has it open.
-    pub fn open(
-        path: &Path,
-        commit_max_batch: usize,
-        commit_max_wait_us: u64,
-    ) -> Result<RedbStore, StoreError> {
+    pub fn open(path: &Path, tuning: Tuning) -> Result<RedbStore, StoreError> {
         std::fs::create_dir_all(path).map_err(|e| {
             StoreError::Unavailable(format!(
                 "cannot create store directory {}: {e}",
@@ -367,18 +391,12 @@ impl RedbStore {
         let label = file.display().to_string();
         let reopen = move || {
             Database::builder()
+                .set_cache_size(tuning.cache_bytes)
                 .create(&file)
                 .map_err(|e| open_error(&file, e))
         };
         let db = reopen()?;
-        Self::start(
-            db,
-            label,
-            Box::new(reopen),
-            REOPEN_INTERVAL,
-            commit_max_batch,
-            commit_max_wait_us,
-        )
+        Self::start(db, label, Box::new(reopen), REOPEN_INTERVAL, tuning)
     }
 
     /// Checks or creates the tables, recovers the counters and starts the writer.
@@ -387,8 +405,7 @@ impl RedbStore {
         label: String,
         reopen: Reopen,
         reopen_interval: Duration,
-        commit_max_batch: usize,
-        commit_max_wait_us: u64,
+        tuning: Tuning,
     ) -> Result<RedbStore, StoreError> {
         init_tables(&db, &label)?;
         let (index, pending_total) = load_index(&db, &label, 0, 0)?;
@@ -415,8 +432,8 @@ impl RedbStore {
             last_reopen: None,
             rx,
             shared: shared.clone(),
-            max_batch: commit_max_batch.max(1),
-            max_wait: Duration::from_micros(commit_max_wait_us),
+            max_batch: tuning.commit_max_batch.max(1),
+            max_wait: Duration::from_micros(tuning.commit_max_wait_us),
             expired_unreported: 0,
             unsynced: false,
             last_durable: Instant::now(),
@@ -1886,8 +1903,7 @@ impl RedbStore {
     /// again to reopen it, with no wait between attempts.
     fn with_backend<B: redb::StorageBackend>(
         make: impl Fn() -> B + Send + 'static,
-        commit_max_batch: usize,
-        commit_max_wait_us: u64,
+        tuning: Tuning,
     ) -> Result<RedbStore, StoreError> {
         let reopen = move || {
             Database::builder()
@@ -1900,8 +1916,7 @@ impl RedbStore {
             "<memory>".into(),
             Box::new(reopen),
             Duration::ZERO,
-            commit_max_batch,
-            commit_max_wait_us,
+            tuning,
         )
     }
 }
@@ -1914,7 +1929,7 @@ mod tests {
     use crate::store::tests::{msg, seqs};
 
     fn open(dir: &Path) -> RedbStore {
-        RedbStore::open(dir, 64, 0).expect("open store")
+        RedbStore::open(dir, Tuning::batch(64, 0)).expect("open store")
     }
 
     #[tokio::test]
@@ -2386,7 +2401,7 @@ mod tests {
     async fn second_open_is_locked() {
         let dir = tempfile::tempdir().expect("tempdir");
         let _first = open(dir.path());
-        match RedbStore::open(dir.path(), 64, 0) {
+        match RedbStore::open(dir.path(), Tuning::batch(64, 0)) {
             Err(StoreError::Locked(why)) => assert!(why.contains(DB_FILE), "{why}"),
             Err(other) => panic!("expected Locked, got {other}"),
             Ok(_) => panic!("expected Locked, opened twice"),
@@ -2469,7 +2484,7 @@ mod tests {
     async fn not_a_database_is_corrupt() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join(DB_FILE), vec![0x5a; 8192]).expect("write");
-        match RedbStore::open(dir.path(), 64, 0) {
+        match RedbStore::open(dir.path(), Tuning::batch(64, 0)) {
             Err(StoreError::Corrupt(_)) => {}
             Err(other) => panic!("expected Corrupt, got {other}"),
             Ok(_) => panic!("expected Corrupt, opened"),
@@ -2480,7 +2495,7 @@ mod tests {
     async fn other_table_layout_is_corrupt() {
         let dir = tempfile::tempdir().expect("tempdir");
         write_file(dir.path(), 99, |_| {});
-        match RedbStore::open(dir.path(), 64, 0) {
+        match RedbStore::open(dir.path(), Tuning::batch(64, 0)) {
             Err(StoreError::Corrupt(why)) => assert!(why.contains("99"), "{why}"),
             Err(other) => panic!("expected Corrupt, got {other}"),
             Ok(_) => panic!("expected Corrupt, opened"),
@@ -2493,7 +2508,7 @@ mod tests {
         let file = dir.path().join("plain");
         std::fs::write(&file, b"x").expect("write");
         assert!(matches!(
-            RedbStore::open(&file, 64, 0),
+            RedbStore::open(&file, Tuning::batch(64, 0)),
             Err(StoreError::Unavailable(_))
         ));
     }
@@ -2502,7 +2517,7 @@ mod tests {
     async fn concurrent_appends_share_one_commit() {
         let dir = tempfile::tempdir().expect("tempdir");
         // The batch closes when 64 requests are in, long before the wait ends.
-        let s = Arc::new(RedbStore::open(dir.path(), 64, 60_000_000).expect("open"));
+        let s = Arc::new(RedbStore::open(dir.path(), Tuning::batch(64, 60_000_000)).expect("open"));
         let before = s.commits();
         let tasks: Vec<_> = (0..64)
             .map(|i| {
@@ -2533,7 +2548,7 @@ mod tests {
     #[tokio::test]
     async fn only_durable_commits_are_timed() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = RedbStore::open(dir.path(), 64, 0).expect("open");
+        let s = RedbStore::open(dir.path(), Tuning::batch(64, 0)).expect("open");
         s.append("a", &["d1", "d2"], &msg("m1", 0, 1000, None), 100)
             .await
             .expect("append");
@@ -2572,7 +2587,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         // Eight appends of one collapse key to one device, limit 2, in one
         // transaction: each sees the ones before it.
-        let s = Arc::new(RedbStore::open(dir.path(), 8, 60_000_000).expect("open"));
+        let s = Arc::new(RedbStore::open(dir.path(), Tuning::batch(8, 60_000_000)).expect("open"));
         let tasks: Vec<_> = (0..8)
             .map(|i| {
                 let s = s.clone();
@@ -2605,7 +2620,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn append_many_keeps_order_and_shares_commits() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = RedbStore::open(dir.path(), 4096, 0).expect("open");
+        let s = RedbStore::open(dir.path(), Tuning::batch(4096, 0)).expect("open");
         let items: Vec<(Vec<&str>, NewMessage)> = (0..200)
             .map(|i| {
                 let devices = if i % 3 == 0 {
@@ -2641,7 +2656,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_large_ack_backlog_is_spread_over_transactions() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = RedbStore::open(dir.path(), 4096, 0).expect("open");
+        let s = RedbStore::open(dir.path(), Tuning::batch(4096, 0)).expect("open");
         let devices: Vec<String> = (0..ACK_BUDGET + 500).map(|i| format!("d{i}")).collect();
         let names: Vec<&str> = devices.iter().map(String::as_str).collect();
         // One message each: acking them all is more than one budget.
@@ -2743,7 +2758,8 @@ mod tests {
         let fail = backend.fail.clone();
         // A batch closes when 4 requests are in (the wait is far longer).
         let s = Arc::new(
-            RedbStore::with_backend(move || backend.clone(), 4, 60_000_000).expect("open"),
+            RedbStore::with_backend(move || backend.clone(), Tuning::batch(4, 60_000_000))
+                .expect("open"),
         );
         let (appends, ack) = batch_of_four(&s, ["m1", "m2", "m3"], 1).await;
         assert!(appends.iter().all(Result::is_ok));

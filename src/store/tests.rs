@@ -9,7 +9,7 @@ use bytes::Bytes;
 use proptest::prelude::*;
 
 use super::memory::MemoryStore;
-use super::redb::RedbStore;
+use super::redb::{RedbStore, Tuning};
 use super::{DeviceRecord, NewMessage, Store, StoredMessage};
 
 /// A message created at `created_ms` that lives `ttl_ms` more milliseconds.
@@ -273,7 +273,7 @@ macro_rules! for_both_stores {
                 #[tokio::test]
                 async fn $name() {
                     let dir = tempfile::tempdir().expect("tempdir");
-                    let store = super::RedbStore::open(dir.path(), 64, 0).expect("open");
+                    let store = super::RedbStore::open(dir.path(), super::Tuning::batch(64, 0)).expect("open");
                     super::$name(&store).await;
                 }
             )*
@@ -542,7 +542,7 @@ enum Subject {
 impl Subject {
     fn redb() -> Subject {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = RedbStore::open(dir.path(), 64, 0).expect("open");
+        let store = RedbStore::open(dir.path(), Tuning::batch(64, 0)).expect("open");
         Subject::Redb(dir, Some(store))
     }
 
@@ -559,7 +559,7 @@ impl Subject {
             Subject::Memory(_) => false,
             Subject::Redb(dir, store) => {
                 store.take();
-                *store = Some(RedbStore::open(dir.path(), 64, 0).expect("reopen"));
+                *store = Some(RedbStore::open(dir.path(), Tuning::batch(64, 0)).expect("reopen"));
                 true
             }
         }

@@ -529,7 +529,13 @@ async fn an_abandoned_takeover_leaves_the_old_process_serving() {
     reader.read_line(&mut line).unwrap();
     assert_eq!(line, "released\n");
     // The old process has let go of the store: another can open it now.
-    drop(pushgate::store::redb::RedbStore::open(&dir.path().join("store"), 64, 0).unwrap());
+    drop(
+        pushgate::store::redb::RedbStore::open(
+            &dir.path().join("store"),
+            pushgate::store::redb::Tuning::batch(64, 0),
+        )
+        .unwrap(),
+    );
     drop((reader, writer));
 
     // Calls made meanwhile wait in the backlog; then the old one serves again.
