@@ -18,15 +18,19 @@
 //! Keyed by (app, device, seq), as schema 2 did, each message dirtied its
 //! own 4 KiB leaf: 4–9 KB written per ~150-byte message and one writer
 //! thread saturated at ~43k msgs/s (BENCHMARKS.md, issue 5). A purge,
-//! expiry, collapse or the pending limit deletes the rows it removes where
-//! they are. An ack only marks its messages removed in memory and moves the
+//! collapse or the pending limit deletes the rows it removes where they
+//! are. An ack only marks its messages removed in memory and moves the
 //! device row's ack cursor (`acked`: every seq up to it is acked, and the
-//! log rows under it are skipped when the file is opened); the acked rows
-//! are deleted later, lowest key first so that many share a page: in the
-//! writer's idle time, one per message a transaction stores, and in every
-//! transaction once more than `DEAD_HOLD` wait. Deleting each
+//! log rows under it are skipped when the file is opened); expiry only
+//! marks them (and notes in `meta` when the sweep ran and how far the log
+//! went: those rows are skipped too).
+//! Those rows are deleted later, lowest key first so that many share a
+//! page: in the writer's idle time, one per message a transaction stores,
+//! and in every transaction once more than `DEAD_HOLD` wait. Deleting each
 //! where it lay cost a random page per ack when a backlog was redelivered
-//! (a device's messages are far apart in the log).
+//! (a device's messages are far apart in the log), and an expiry sweep of
+//! 200k messages took 330 ms instead of 46 ms, every API call waiting
+//! behind it.
 //!
 //! What finds a device's messages is the in-memory [`index`]: per device its
 //! seq counter and the log keys of its messages in seq order, plus the
@@ -169,6 +173,13 @@ type LogValue = (
 );
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// `meta` keys: the `now_ms` of the last committed expiry sweep, and the
+/// log key of the first row appended after it. Every row under that key
+/// whose deadline is before that time was expired, so if still in the log
+/// it is skipped when the file is opened (and the pending count is right).
+/// Absent: 0.
+const SWEPT_AT: &str = "swept_at_ms";
+const SWEPT_BELOW: &str = "swept_below_key";
 const LOG: TableDefinition<u64, LogValue> = TableDefinition::new("log");
 const DEVICES: TableDefinition<DeviceKey, DeviceRow> = TableDefinition::new("devices_v3");
 
@@ -694,9 +705,15 @@ fn load_index(
         let txn = db.begin_read()?;
         let log = txn.open_table(LOG)?;
         let rows = txn.open_table(DEVICES)?;
+        let meta = txn.open_table(META)?;
+        let swept = (
+            meta.get(SWEPT_AT)?.map_or(0, |v| v.value()),
+            meta.get(SWEPT_BELOW)?.map_or(0, |v| v.value()),
+        );
         let mut ix = Index {
             committed,
             next_key,
+            swept,
             ..Index::default()
         };
         let mut stored = 0;
@@ -712,8 +729,8 @@ fn load_index(
                 ..
             } = &mut ix;
             let dev = dev_entry(devices, &rows, app, device)?;
-            if seq <= dev.acked {
-                // Acked, the row not deleted yet.
+            if seq <= dev.acked || (key < swept.1 && expires_ms < swept.0) {
+                // Acked or expired, the row not deleted yet.
                 dead.insert(key);
                 continue;
             }
@@ -1222,6 +1239,7 @@ fn apply_all(
     batch: &[Request],
     fx: &mut Effects,
 ) -> Result<(Vec<Answer>, AckQueue, Vec<DevId>), redb::Error> {
+    let swept = ix.swept;
     let mut t = Tables::open(txn, ix, pass.number)?;
     let budget = ACK_BUDGET + 2 * pass.stores;
     let mut spent = 0;
@@ -1242,6 +1260,11 @@ fn apply_all(
         .map(|r| t.apply(&r.op, fx))
         .collect::<Result<Vec<_>, _>>()?;
     t.write_rows()?;
+    if t.ix.swept != swept {
+        let mut meta = txn.open_table(META)?;
+        meta.insert(SWEPT_AT, t.ix.swept.0)?;
+        meta.insert(SWEPT_BELOW, t.ix.swept.1)?;
+    }
     Ok((answers, left, t.touched))
 }
 
@@ -1570,11 +1593,12 @@ impl<'t, 'i> Tables<'t, 'i> {
         let running = now_ms / BUCKET_MS;
         let number = self.number;
         let mut removed = 0;
-        let Tables {
-            log, ix, touched, ..
-        } = self;
+        let Tables { ix, touched, .. } = self;
         let Index {
-            devices, buckets, ..
+            devices,
+            buckets,
+            dead,
+            ..
         } = &mut **ix;
         for (id, minutes) in due {
             let (app, device) = (&*id.0, &*id.1);
@@ -1583,12 +1607,17 @@ impl<'t, 'i> Tables<'t, 'i> {
             let mut left = None;
             if let Some(dev) = dev.as_deref_mut() {
                 touch(dev, touched, number, app, device);
+                // Their rows are deleted later, as acked ones are: if a
+                // crash brings them back they are expired again at once.
                 removed += dev.remove_where(
                     u64::MAX,
                     u64::MAX,
                     number,
                     |expires_ms| expires_ms < now_ms,
-                    |key| log.remove(key).map(|_| ()),
+                    |key| {
+                        dead.insert(key);
+                        Ok::<_, redb::Error>(())
+                    },
                 )?;
                 left = dev.earliest_in(running);
             }
@@ -1608,6 +1637,7 @@ impl<'t, 'i> Tables<'t, 'i> {
                 }
             }
         }
+        ix.swept = (now_ms, ix.next_key);
         fx.pending -= removed as i64;
         Ok(removed)
     }
@@ -2195,6 +2225,59 @@ mod tests {
         drop(s);
         let s = open(dir.path());
         assert_eq!(seqs(&s, "a", "d", 0).await, [4]);
+    }
+
+    #[tokio::test]
+    async fn expired_rows_are_deleted_later_and_never_come_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path());
+        for (id, expires_ms) in [("m1", 1000), ("m2", 1000), ("m3", 10_000)] {
+            s.append("a", &["d"], &msg(id, 0, expires_ms, None), 10)
+                .await
+                .expect("append");
+        }
+        assert_eq!(s.expire(5000).await.expect("expire").expired, 2);
+        assert_eq!(seqs(&s, "a", "d", 0).await, [3]);
+        assert_eq!(s.pending_total(), 1);
+        wait_for_log_rows(&s, 1).await;
+        drop(s);
+        let s = open(dir.path());
+        assert_eq!(seqs(&s, "a", "d", 0).await, [3]);
+        assert_eq!(s.pending_total(), 1);
+        assert_eq!(s.expire(5000).await.expect("expire").expired, 0);
+    }
+
+    #[tokio::test]
+    async fn rows_a_sweep_expired_are_skipped_when_a_crash_left_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The last sweep ran at 5000 ms when the next row was to be key 35:
+        // the rows under it with deadlines before 5000 are expired, though
+        // not deleted yet; key 40 came after the sweep and waits for the
+        // next.
+        write_file(dir.path(), SCHEMA, |txn| {
+            let mut log = txn.open_table(LOG).expect("log");
+            for (key, seq, expires_ms) in
+                [(10, 1, 1000), (20, 2, 1000), (30, 3, 10_000), (40, 4, 1000)]
+            {
+                let id = format!("m{seq}");
+                log.insert(key, ("a", "d", seq, &*id, &b"1"[..], 0, expires_ms, None))
+                    .expect("row");
+            }
+            let mut meta = txn.open_table(META).expect("meta");
+            meta.insert(SWEPT_AT, 5000).expect("swept at");
+            meta.insert(SWEPT_BELOW, 35).expect("swept below");
+        });
+        let s = open(dir.path());
+        assert_eq!(seqs(&s, "a", "d", 0).await, [3, 4]);
+        assert_eq!(s.pending_total(), 2);
+        assert_eq!(s.expire(5000).await.expect("expire").expired, 1);
+        assert_eq!(seqs(&s, "a", "d", 0).await, [3]);
+        wait_for_log_rows(&s, 1).await;
+        let out = s
+            .append("a", &["d"], &msg("m5", 0, 10_000, None), 10)
+            .await
+            .expect("append");
+        assert_eq!(out[0].seq, 5);
     }
 
     #[test]

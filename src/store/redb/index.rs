@@ -40,11 +40,16 @@ pub(super) struct Index {
     /// buckets of minutes it has nothing stored in once it is in more
     /// buckets than it has messages ([`prune_buckets`]).
     pub buckets: BTreeMap<u64, HashMap<DevId, u64>>,
-    /// Log keys of acked messages whose rows are not deleted yet. Acks
-    /// only mark their messages removed and move the device's ack cursor;
-    /// the rows are deleted later, lowest keys first, so that many
-    /// deletions share a page (see `DEAD_HOLD` in the store).
+    /// Log keys of acked or expired messages whose rows are not deleted
+    /// yet. Acks only mark their messages removed and move the device's
+    /// ack cursor, expiry only marks them; the rows are deleted later,
+    /// lowest keys first, so that many deletions share a page (see
+    /// `DEAD_HOLD` in the store).
     pub dead: DeadKeys,
+    /// The last expiry sweep: its `now_ms`, and `next_key` when it ran (it
+    /// removed every row under that key whose deadline is before that
+    /// time). Persisted in `meta` by the transaction of the sweep.
+    pub swept: (u64, u64),
     /// The last committed write transaction (readers see up to it).
     pub committed: u64,
     /// Key of the next log row: keys only grow, also across rebuilds, so a
