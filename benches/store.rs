@@ -325,6 +325,26 @@ fn redb_layout(c: &mut Criterion) {
     group.finish();
 }
 
+/// Stores `PREFILL` messages in the store in `dir`, each to one of 10,000
+/// devices picked at random (the same every run), `COMMIT` to a request.
+fn fill_10k_devices(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
+    let store = RedbStore::open(dir, Tuning::batch(4096, 0)).expect("open store");
+    let mut pick = Picker(0x9E37_79B9_7F4A_7C15);
+    let names: Vec<String> = (0..10_000).map(|i| format!("dev{i}")).collect();
+    for round in 0..PREFILL / COMMIT as u64 {
+        let items: Vec<(Vec<&str>, NewMessage)> = (0..COMMIT as u64)
+            .map(|i| {
+                let device = names[pick.next(10_000) as usize].as_str();
+                (vec![device], message(round * COMMIT as u64 + i))
+            })
+            .collect();
+        for r in rt.block_on(store.append_many(APP, &items, u64::MAX)) {
+            r.expect("append");
+        }
+    }
+    assert_eq!(store.pending_total(), PREFILL);
+}
+
 /// Opening a store that holds 200k messages over 10,000 devices: the
 /// in-memory index is rebuilt by one pass over the log, so this is what a
 /// restart adds per 200k pending messages.
@@ -337,21 +357,7 @@ fn redb_open(c: &mut Criterion) {
     group.throughput(Throughput::Elements(PREFILL));
     group.bench_function("200k messages, 10k devices", |b| {
         if !std::mem::replace(&mut filled, true) {
-            let store = RedbStore::open(dir.path(), Tuning::batch(4096, 0)).expect("open store");
-            let mut pick = Picker(0x9E37_79B9_7F4A_7C15);
-            let names: Vec<String> = (0..10_000).map(|i| format!("dev{i}")).collect();
-            for round in 0..PREFILL / COMMIT as u64 {
-                let items: Vec<(Vec<&str>, NewMessage)> = (0..COMMIT as u64)
-                    .map(|i| {
-                        let device = names[pick.next(10_000) as usize].as_str();
-                        (vec![device], message(round * COMMIT as u64 + i))
-                    })
-                    .collect();
-                for r in rt.block_on(store.append_many(APP, &items, u64::MAX)) {
-                    r.expect("append");
-                }
-            }
-            assert_eq!(store.pending_total(), PREFILL);
+            fill_10k_devices(&rt, dir.path());
         }
         // Each store is closed before the next opens (the file is locked
         // while open); closing is left out of the time.
@@ -378,22 +384,7 @@ fn redb_open(c: &mut Criterion) {
 fn redb_expire(c: &mut Criterion) {
     let rt = runtime(1);
     let template = tempfile::tempdir().expect("tempdir");
-    {
-        let store = RedbStore::open(template.path(), Tuning::batch(4096, 0)).expect("open store");
-        let mut pick = Picker(0x9E37_79B9_7F4A_7C15);
-        let names: Vec<String> = (0..10_000).map(|i| format!("dev{i}")).collect();
-        for round in 0..PREFILL / COMMIT as u64 {
-            let items: Vec<(Vec<&str>, NewMessage)> = (0..COMMIT as u64)
-                .map(|i| {
-                    let device = names[pick.next(10_000) as usize].as_str();
-                    (vec![device], message(round * COMMIT as u64 + i))
-                })
-                .collect();
-            for r in rt.block_on(store.append_many(APP, &items, u64::MAX)) {
-                r.expect("append");
-            }
-        }
-    }
+    fill_10k_devices(&rt, template.path());
     let after_ttl = message(0).expires_ms + 1;
     let mut group = c.benchmark_group("redb expire");
     group.sample_size(10);
