@@ -135,21 +135,23 @@ const ACK_DELAY: Duration = Duration::from_millis(20);
 /// append dearer: 20k -> 15k msgs/s).
 const ACK_BUDGET: u64 = 1024;
 
-/// Acked rows left in the log before every transaction deletes them.
-/// Acks of a redelivered backlog land all over the log (a device's 100
-/// messages are 100 rows far apart), and deleting each as it came cost a
-/// page per ack: twice the gateway's CPU per redelivered message, and
-/// live pushes stalled behind those commits. Held back (the device row's
-/// ack cursor keeps them from coming back after a restart), they are
-/// deleted lowest key first, many to a page: a chunk when the writer is
-/// idle, one per message a transaction stores, and, once more than this
-/// many wait, a chunk in every transaction. The hold is as large as a
+/// Acked and expired rows left in the log before every transaction
+/// deletes those over this many. Acks of a redelivered backlog land all
+/// over the log (a device's 100 messages are 100 rows far apart), and
+/// deleting each as it came cost a page per ack: twice the gateway's CPU
+/// per redelivered message, and live pushes stalled behind those commits.
+/// Held back (the device row's ack cursor, or the sweep's mark, keeps them
+/// from coming back after a restart), they are deleted lowest key first,
+/// many to a page: a chunk when the writer is idle, one per message a
+/// transaction stores, and, once more than this many wait, those over it
+/// (a chunk at most) in every transaction. The hold is as large as a
 /// storm's acks: with 2^19, the million acks of 10k devices redelivering
 /// 100 each went over it halfway, and the chunks deleted in every
 /// transaction from then on took the live pushes' p99 from 9 to 40–48 ms
 /// (BENCHMARKS.md). Each waiting key costs ~0.3 B of memory when they are
-/// dense in the log (as a backlog's are), ~20 B when far apart, and its
-/// row's space on disk.
+/// dense in the log (as a backlog's are), ~35 B when far apart (~140 MB
+/// at the hold, if every one is in a word of its own), and its row's
+/// space on disk.
 const DEAD_HOLD: usize = 1 << 22;
 
 /// Acked rows deleted per transaction at most: at a random page each
@@ -712,7 +714,9 @@ fn load_index(
         );
         let mut ix = Index {
             committed,
-            next_key,
+            // Never below the sweep's mark, even with the log emptied:
+            // a row under it with an early deadline would be skipped.
+            next_key: next_key.max(swept.1),
             swept,
             ..Index::default()
         };
@@ -1593,7 +1597,13 @@ impl<'t, 'i> Tables<'t, 'i> {
         let running = now_ms / BUCKET_MS;
         let number = self.number;
         let mut removed = 0;
-        let Tables { ix, touched, .. } = self;
+        // The rows go later and the mark moves, unless the clock went back
+        // since the last sweep: lowering the mark would bring back at the
+        // next start rows that sweep expired, so they go at once instead.
+        let defer = now_ms >= self.ix.swept.0;
+        let Tables {
+            log, ix, touched, ..
+        } = self;
         let Index {
             devices,
             buckets,
@@ -1607,16 +1617,20 @@ impl<'t, 'i> Tables<'t, 'i> {
             let mut left = None;
             if let Some(dev) = dev.as_deref_mut() {
                 touch(dev, touched, number, app, device);
-                // Their rows are deleted later, as acked ones are: if a
-                // crash brings them back they are expired again at once.
+                // Their rows are deleted later, as acked ones are (the
+                // mark keeps them from coming back at the next start).
                 removed += dev.remove_where(
                     u64::MAX,
                     u64::MAX,
                     number,
                     |expires_ms| expires_ms < now_ms,
                     |key| {
-                        dead.insert(key);
-                        Ok::<_, redb::Error>(())
+                        if defer {
+                            dead.insert(key);
+                            Ok(())
+                        } else {
+                            log.remove(key).map(|_| ())
+                        }
                     },
                 )?;
                 left = dev.earliest_in(running);
@@ -1637,7 +1651,9 @@ impl<'t, 'i> Tables<'t, 'i> {
                 }
             }
         }
-        ix.swept = (now_ms, ix.next_key);
+        if defer {
+            ix.swept = (now_ms, ix.next_key);
+        }
         fx.pending -= removed as i64;
         Ok(removed)
     }
@@ -2228,7 +2244,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn expired_rows_are_deleted_later_and_never_come_back() {
+    async fn expired_rows_go_and_stay_gone_after_a_restart() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = open(dir.path());
         for (id, expires_ms) in [("m1", 1000), ("m2", 1000), ("m3", 10_000)] {
@@ -2247,37 +2263,96 @@ mod tests {
         assert_eq!(s.expire(5000).await.expect("expire").expired, 0);
     }
 
-    #[tokio::test]
-    async fn rows_a_sweep_expired_are_skipped_when_a_crash_left_them() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        // The last sweep ran at 5000 ms when the next row was to be key 35:
-        // the rows under it with deadlines before 5000 are expired, though
-        // not deleted yet; key 40 came after the sweep and waits for the
-        // next.
-        write_file(dir.path(), SCHEMA, |txn| {
+    /// Writes a file with the rows `(key, seq, expires_ms)` of device
+    /// a/d, and the mark of a sweep that ran at `at` ms when the next row
+    /// was to be key `below`.
+    fn write_swept_file(dir: &Path, rows: &[(u64, u64, u64)], at: u64, below: u64) {
+        write_file(dir, SCHEMA, |txn| {
             let mut log = txn.open_table(LOG).expect("log");
-            for (key, seq, expires_ms) in
-                [(10, 1, 1000), (20, 2, 1000), (30, 3, 10_000), (40, 4, 1000)]
-            {
+            for &(key, seq, expires_ms) in rows {
                 let id = format!("m{seq}");
                 log.insert(key, ("a", "d", seq, &*id, &b"1"[..], 0, expires_ms, None))
                     .expect("row");
             }
             let mut meta = txn.open_table(META).expect("meta");
-            meta.insert(SWEPT_AT, 5000).expect("swept at");
-            meta.insert(SWEPT_BELOW, 35).expect("swept below");
+            meta.insert(SWEPT_AT, at).expect("swept at");
+            meta.insert(SWEPT_BELOW, below).expect("swept below");
         });
+    }
+
+    fn swept_mark(s: &RedbStore) -> (u64, u64) {
+        let txn = s.db().expect("db").begin_read().expect("read");
+        let meta = txn.open_table(META).expect("meta");
+        let get = |k| meta.get(k).expect("get").map_or(0, |v| v.value());
+        (get(SWEPT_AT), get(SWEPT_BELOW))
+    }
+
+    #[tokio::test]
+    async fn rows_a_sweep_expired_are_skipped_when_a_crash_left_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The last sweep ran at 5000 ms when the next row was to be key 35:
+        // only key 10 is under the key and before the time. Key 20's
+        // deadline is the sweep's time (not before it), key 35 came after.
+        let rows = [(10, 1, 1000), (20, 2, 5000), (30, 3, 10_000), (35, 4, 1000)];
+        write_swept_file(dir.path(), &rows, 5000, 35);
         let s = open(dir.path());
-        assert_eq!(seqs(&s, "a", "d", 0).await, [3, 4]);
-        assert_eq!(s.pending_total(), 2);
+        assert_eq!(seqs(&s, "a", "d", 0).await, [2, 3, 4]);
+        assert_eq!(s.pending_total(), 3);
         assert_eq!(s.expire(5000).await.expect("expire").expired, 1);
-        assert_eq!(seqs(&s, "a", "d", 0).await, [3]);
-        wait_for_log_rows(&s, 1).await;
+        assert_eq!(seqs(&s, "a", "d", 0).await, [2, 3]);
+        // The sweep took the newest seq: after a restart it is not reused.
+        drop(s);
+        let s = open(dir.path());
+        assert_eq!(seqs(&s, "a", "d", 0).await, [2, 3]);
         let out = s
             .append("a", &["d"], &msg("m5", 0, 10_000, None), 10)
             .await
             .expect("append");
         assert_eq!(out[0].seq, 5);
+    }
+
+    #[tokio::test]
+    async fn a_sweep_with_an_earlier_clock_leaves_the_mark() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_swept_file(dir.path(), &[(40, 1, 3000), (50, 2, 20_000)], 10_000, 35);
+        let s = open(dir.path());
+        // The clock went back: this sweep deletes its row at once, and the
+        // mark still covers what the sweep at 10 s expired.
+        assert_eq!(s.expire(4000).await.expect("expire").expired, 1);
+        assert_eq!(swept_mark(&s), (10_000, 35));
+        assert_eq!(seqs(&s, "a", "d", 0).await, [2]);
+        assert_eq!(s.expire(11_000).await.expect("expire").expired, 0);
+        assert_eq!(swept_mark(&s), (11_000, 51));
+    }
+
+    #[tokio::test]
+    async fn log_keys_never_go_back_under_the_sweep_mark() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path());
+        s.append("a", &["d"], &msg("m1", 0, 100_000, None), 10)
+            .await
+            .expect("append");
+        s.expire(10_000).await.expect("expire");
+        // The log is empty now, and the mark says key 1.
+        s.purge("a", "d").await.expect("purge");
+        drop(s);
+        let s = open(dir.path());
+        // A deadline before the mark's time (a clock that went back): its
+        // row must not get a key under the mark, or the next start skips it.
+        let out = s
+            .append("a", &["d"], &msg("m2", 0, 7000, None), 10)
+            .await
+            .expect("append");
+        assert_eq!(out[0].seq, 2);
+        drop(s);
+        let s = open(dir.path());
+        assert_eq!(s.pending_total(), 1);
+        assert_eq!(seqs(&s, "a", "d", 0).await, [2]);
+        let out = s
+            .append("a", &["d"], &msg("m3", 0, 100_000, None), 10)
+            .await
+            .expect("append");
+        assert_eq!(out[0].seq, 3);
     }
 
     #[test]

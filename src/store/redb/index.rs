@@ -46,9 +46,11 @@ pub(super) struct Index {
     /// lowest keys first, so that many deletions share a page (see
     /// `DEAD_HOLD` in the store).
     pub dead: DeadKeys,
-    /// The last expiry sweep: its `now_ms`, and `next_key` when it ran (it
-    /// removed every row under that key whose deadline is before that
-    /// time). Persisted in `meta` by the transaction of the sweep.
+    /// The last expiry sweep whose clock was not behind the one before:
+    /// its `now_ms`, and `next_key` when it ran. It removed every row
+    /// under that key whose deadline is before that time (a sweep with an
+    /// earlier clock deletes its rows at once and leaves this as it is).
+    /// Persisted in `meta` by the transaction of the sweep.
     pub swept: (u64, u64),
     /// The last committed write transaction (readers see up to it).
     pub committed: u64,
@@ -80,8 +82,8 @@ impl Index {
 /// A set of log keys, as 64-key words of bits: the keys a redelivered
 /// backlog's acks leave are dense in the log (its rows were appended
 /// together), so a million of them take ~16k words (~0.3 MB) where a
-/// `BTreeSet` took ~20 MB. Keys far apart cost a word each (~20 B, as
-/// before).
+/// `BTreeSet` took ~20 MB. Keys far apart cost a word each (~35 B; the
+/// `BTreeSet` took ~20 B per key).
 #[derive(Default)]
 pub(super) struct DeadKeys {
     /// key / 64 -> bit key % 64 set for each key in the set; no word is 0.
