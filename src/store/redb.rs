@@ -1145,8 +1145,8 @@ impl Writer {
             stores,
         };
         let applied = apply_all(&txn, &mut index, &pass, acks, batch, &mut effects);
-        // Acked rows to delete, lowest keys first (many to a page): a chunk
-        // in the writer's idle time, else see `DEAD_HOLD`.
+        // Acked and expired rows to delete, lowest keys first (many to a
+        // page): a chunk in the writer's idle time, else see `DEAD_HOLD`.
         let dead = dead_to_delete(self.idle, index.dead.len(), stores);
         let dead = index.dead.take_lowest(dead);
         // Readers wait for the index only while the batch is applied, not
@@ -1186,10 +1186,10 @@ impl Writer {
     }
 }
 
-/// How many acked rows a transaction deletes, of `waiting`: a chunk in the
-/// writer's idle time; else one per message it stores (under steady
-/// traffic the writer is never idle, and they would stay until the hold),
-/// and those over the hold.
+/// How many acked or expired rows a transaction deletes, of `waiting`: a
+/// chunk in the writer's idle time; else one per message it stores (under
+/// steady traffic the writer is never idle, and they would stay until the
+/// hold), and those over the hold.
 fn dead_to_delete(idle: bool, waiting: usize, stores: u64) -> usize {
     if idle {
         return DEAD_CHUNK;
