@@ -2332,8 +2332,8 @@ mod tests {
         s.append("a", &["d"], &msg("m1", 0, 100_000, None), 10)
             .await
             .expect("append");
+        // The mark says key 1; the purge then empties the log.
         s.expire(10_000).await.expect("expire");
-        // The log is empty now, and the mark says key 1.
         s.purge("a", "d").await.expect("purge");
         drop(s);
         let s = open(dir.path());
