@@ -183,7 +183,7 @@ fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
                 Tuning {
                     commit_max_batch: config.store.commit_max_batch,
                     commit_max_wait_us: config.store.commit_max_wait_us,
-                    cache_bytes: usize::try_from(config.store.cache_mb << 20).unwrap_or(usize::MAX),
+                    cache_mb: config.store.cache_mb,
                 },
             )
             .map_err(|source| StartError::Store {

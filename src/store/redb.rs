@@ -374,8 +374,8 @@ pub struct Tuning {
     pub commit_max_batch: usize,
     /// How long the writer waits for more requests after the first.
     pub commit_max_wait_us: u64,
-    /// redb's page cache (reads and writes), in bytes.
-    pub cache_bytes: usize,
+    /// redb's page cache (reads and writes), in MiB.
+    pub cache_mb: u64,
 }
 
 impl Tuning {
@@ -384,7 +384,7 @@ impl Tuning {
         Tuning {
             commit_max_batch,
             commit_max_wait_us,
-            cache_bytes: (DEFAULT_CACHE_MB as usize) << 20,
+            cache_mb: DEFAULT_CACHE_MB,
         }
     }
 }
@@ -402,9 +402,11 @@ impl RedbStore {
         })?;
         let file = path.join(DB_FILE);
         let label = file.display().to_string();
+        let cache_bytes =
+            usize::try_from(tuning.cache_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
         let reopen = move || {
             Database::builder()
-                .set_cache_size(tuning.cache_bytes)
+                .set_cache_size(cache_bytes)
                 .create(&file)
                 .map_err(|e| open_error(&file, e))
         };
