@@ -182,6 +182,20 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Absent: 0.
 const SWEPT_AT: &str = "swept_at_ms";
 const SWEPT_BELOW: &str = "swept_below_key";
+
+/// The last sweep's mark, `(swept_at_ms, swept_below_key)`, from `meta`.
+fn read_swept(meta: &impl ReadableTable<&'static str, u64>) -> Result<(u64, u64), redb::Error> {
+    let get = |k| meta.get(k).map(|v| v.map_or(0, |v| v.value()));
+    Ok((get(SWEPT_AT)?, get(SWEPT_BELOW)?))
+}
+
+/// Writes the sweep's mark to `meta`.
+fn write_swept(txn: &WriteTransaction, (at, below): (u64, u64)) -> Result<(), redb::Error> {
+    let mut meta = txn.open_table(META)?;
+    meta.insert(SWEPT_AT, at)?;
+    meta.insert(SWEPT_BELOW, below)?;
+    Ok(())
+}
 const LOG: TableDefinition<u64, LogValue> = TableDefinition::new("log");
 const DEVICES: TableDefinition<DeviceKey, DeviceRow> = TableDefinition::new("devices_v3");
 
@@ -709,11 +723,7 @@ fn load_index(
         let txn = db.begin_read()?;
         let log = txn.open_table(LOG)?;
         let rows = txn.open_table(DEVICES)?;
-        let meta = txn.open_table(META)?;
-        let swept = (
-            meta.get(SWEPT_AT)?.map_or(0, |v| v.value()),
-            meta.get(SWEPT_BELOW)?.map_or(0, |v| v.value()),
-        );
+        let swept = read_swept(&txn.open_table(META)?)?;
         let mut ix = Index {
             committed,
             // Never below the sweep's mark, even with the log emptied:
@@ -1267,9 +1277,7 @@ fn apply_all(
         .collect::<Result<Vec<_>, _>>()?;
     t.write_rows()?;
     if t.ix.swept != swept {
-        let mut meta = txn.open_table(META)?;
-        meta.insert(SWEPT_AT, t.ix.swept.0)?;
-        meta.insert(SWEPT_BELOW, t.ix.swept.1)?;
+        write_swept(txn, t.ix.swept)?;
     }
     Ok((answers, left, t.touched))
 }
@@ -2276,17 +2284,13 @@ mod tests {
                 log.insert(key, ("a", "d", seq, &*id, &b"1"[..], 0, expires_ms, None))
                     .expect("row");
             }
-            let mut meta = txn.open_table(META).expect("meta");
-            meta.insert(SWEPT_AT, at).expect("swept at");
-            meta.insert(SWEPT_BELOW, below).expect("swept below");
+            write_swept(txn, (at, below)).expect("sweep mark");
         });
     }
 
     fn swept_mark(s: &RedbStore) -> (u64, u64) {
         let txn = s.db().expect("db").begin_read().expect("read");
-        let meta = txn.open_table(META).expect("meta");
-        let get = |k| meta.get(k).expect("get").map_or(0, |v| v.value());
-        (get(SWEPT_AT), get(SWEPT_BELOW))
+        read_swept(&txn.open_table(META).expect("meta")).expect("sweep mark")
     }
 
     #[tokio::test]
